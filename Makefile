@@ -1,0 +1,24 @@
+# drtool: the two set-up commands are `make demo` and `make test` (see README.md).
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= /var/tmp/drtool-demo
+
+.PHONY: install test demo docs bench clean-demo
+
+install:
+	@scripts/install-deps.sh
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	@DEMO_DIR=$(DEMO_DIR) scripts/demo.sh
+
+docs: install
+	$(PY) -m drtool.policy docs
+
+bench: install
+	$(PY) bench/backup_overhead.py $(BENCH_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

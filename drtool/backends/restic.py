@@ -1,0 +1,261 @@
+"""restic: the first ``Repository`` backend.
+
+All restic calls go through ``drtool.exec.run``. The password reaches restic by
+an inherited pipe (``RESTIC_PASSWORD_FILE=/dev/fd/N``), never argv or disk.
+Snapshots drtool makes carry the tags ``drtool``, ``drtool:policy=<p>`` and
+``drtool:leg=<l>``; listing for prune only ever returns those.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+from pydantic import SecretStr
+
+from .. import exec as ex
+from ..errors import BackendError, ConfigError, LockHeld
+from ..policy.models import ResticLocation
+from ..secrets import resolve
+from .base import BackupResult, CheckResult, ProgressFn, RecoveryPoint
+
+log = logging.getLogger("drtool.restic")
+
+OWNER_TAG = "drtool"
+
+
+def restic_bin() -> str:
+    """The restic binary: $DRTOOL_RESTIC, else ``restic`` on PATH."""
+    return os.environ.get("DRTOOL_RESTIC") or "restic"
+
+_LOCKED_RE = re.compile(r"repository is already locked|unable to create lock", re.I)
+_NOT_FOUND_RE = re.compile(r"unable to open config file|Is there a repository at the following location|repository does not exist", re.I)
+
+
+def policy_tag(policy: str) -> str:
+    return f"drtool:policy={policy}"
+
+
+def leg_tag(leg: str) -> str:
+    return f"drtool:leg={leg}"
+
+
+def parse_restic_time(text: str) -> datetime:
+    """restic writes RFC 3339 with nanoseconds and a zone; Python takes microseconds."""
+    m = re.match(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})$", text.strip())
+    if not m:
+        raise ValueError(f"unexpected restic time {text!r}")
+    base, frac, zone = m.groups()
+    frac = (frac or ".0")[:7]
+    zone = "+00:00" if zone == "Z" else zone
+    return datetime.fromisoformat(f"{base}{frac}{zone}").astimezone(timezone.utc)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (PID 1 here reaps slowly; zombies answer kill -0)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+class ResticRepository:
+    """A restic repository named by a ``type: restic`` location."""
+
+    def __init__(self, name: str, loc: ResticLocation, *, timeout: float | None = None) -> None:
+        self.name = name
+        self.loc = loc
+        self.timeout = timeout
+        self._password: SecretStr | None = None
+        self._env: dict[str, SecretStr] | None = None
+        self.commands: list[dict[str, Any]] = []
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _secrets(self) -> tuple[SecretStr, dict[str, SecretStr]]:
+        if self._password is None:
+            self._password = resolve(self.loc.password, what=f"location {self.name}: password")
+            self._env = {k: resolve(v, what=f"location {self.name}: env.{k}") for k, v in self.loc.env.items()}
+        assert self._env is not None
+        return self._password, self._env
+
+    def _run(self, args: list[str], *, parse: str | None = None, check: bool = True, **kw: Any) -> ex.CommandResult:
+        password, env = self._secrets()
+        argv = [restic_bin(), "--repo", self.loc.repository, *args]
+        try:
+            res = ex.run(
+                argv,
+                tool="restic",
+                secret_files={"RESTIC_PASSWORD_FILE": password},
+                secret_env=env,
+                env={"RESTIC_PROGRESS_FPS": "1"},
+                parse=parse,
+                check=False,
+                timeout=kw.pop("timeout", self.timeout),
+                **kw,
+            )
+        except ex.CommandTimeout as exc:
+            self.commands.append(exc.result.log_entry())
+            raise
+        self.commands.append(res.log_entry())
+        if res.outcome is not ex.Outcome.OK:
+            locked = next((ln for ln in res.stderr_lines if _LOCKED_RE.search(ln)), None)
+            if res.outcome is ex.Outcome.LOCKED or locked:
+                raise LockHeld(f"restic repository {self.name} is locked by a live process: {locked or res.stderr_tail(3)}")
+            if check:
+                raise ex.CommandError(res)
+        return res
+
+    # -- Repository -------------------------------------------------------------
+
+    def exists(self) -> bool:
+        res = self._run(["cat", "config", "--no-lock"], check=False)
+        if res.ok:
+            return True
+        if _NOT_FOUND_RE.search(res.stderr_tail(5)):
+            return False
+        raise ex.CommandError(res)
+
+    def ensure_ready(self, *, create: bool) -> None:
+        if not self.exists():
+            if not create:
+                raise ConfigError(
+                    f"restic repository {self.loc.repository} (location {self.name}) does not exist: "
+                    "create it with `restic init`, or set `init: true` on the location"
+                )
+            if "://" not in self.loc.repository and ":" not in self.loc.repository.split("/")[0]:
+                os.makedirs(os.path.dirname(self.loc.repository.rstrip("/")) or "/", exist_ok=True)
+            log.info("initialising restic repository %s (location %s)", self.loc.repository, self.name)
+            self._run(["init"])
+        self.clear_stale_locks()
+
+    def locks(self) -> list[dict[str, Any]]:
+        ids = self._run(["list", "locks", "--no-lock"]).stdout or ""
+        out = []
+        for lock_id in ids.split():
+            res = self._run(["cat", "lock", lock_id, "--no-lock"], check=False, parse="json")
+            if res.ok and isinstance(res.parsed, dict):
+                out.append({"id": lock_id, **res.parsed})
+        return out
+
+    def clear_stale_locks(self) -> list[dict[str, Any]]:
+        """Remove locks left by a dead restic on this host; a live lock is left alone.
+
+        restic's own ``unlock`` removes only stale locks (dead PID on the same host, or
+        older than 30 minutes), so it is safe to call once we have seen one.
+        """
+        host = socket.gethostname()
+        stale = [
+            lk for lk in self.locks()
+            if lk.get("hostname") == host and isinstance(lk.get("pid"), int) and not _pid_alive(lk["pid"])
+        ]
+        if stale:
+            self._run(["unlock"])
+            for lk in stale:
+                log.warning("removed stale restic lock %s on %s: PID %s on %s is dead (lock from %s)",
+                            lk["id"][:8], self.name, lk.get("pid"), host, lk.get("time"))
+        return stale
+
+    def backup(self, paths: list[str], *, policy: str, leg: str, excludes: Iterable[str] = (), progress: ProgressFn | None = None) -> BackupResult:
+        args = ["backup", "--json", "--tag", OWNER_TAG, "--tag", policy_tag(policy), "--tag", leg_tag(leg)]
+        for pattern in excludes:
+            args += ["--exclude", pattern]
+        args += ["--", *paths]
+        summary: dict[str, Any] = {}
+        errors: list[str] = []
+
+        def on_line(line: str) -> None:
+            if not line.startswith("{"):
+                return
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                return
+            kind = msg.get("message_type")
+            if kind == "summary":
+                summary.update(msg)
+            elif kind == "error":
+                err = msg.get("error", {})
+                errors.append(f"{msg.get('item', '?')}: {err.get('message', err) if isinstance(err, dict) else err}")
+            elif kind == "status" and progress:
+                progress(msg)
+
+        res = self._run(args, on_stdout_line=on_line, check=False)
+        if res.outcome is ex.Outcome.PARTIAL:
+            raise BackendError(
+                f"restic backup to {self.name} could not read all source files (exit 3); "
+                f"snapshot {summary.get('snapshot_id', '?')} is incomplete and the run is failed: "
+                + ("; ".join(errors[:5]) or res.stderr_tail(5))
+            )
+        if not res.ok:
+            raise ex.CommandError(res)
+        short = summary.get("snapshot_id")
+        if not short:
+            raise BackendError(f"restic backup to {self.name} exited 0 but reported no snapshot id: {res.stderr_tail(3)}")
+        points = [p for p in self.list_points(policy=policy, leg=leg) if p.id.startswith(short)]
+        if len(points) != 1:
+            raise BackendError(f"restic reported snapshot {short} but listing {self.name} found {len(points)} matching snapshots")
+        return BackupResult(
+            point=points[0],
+            bytes_processed=summary.get("total_bytes_processed"),
+            bytes_added=summary.get("data_added"),
+            files=summary.get("total_files_processed"),
+            warnings=errors,
+        )
+
+    def list_points(self, *, policy: str | None = None, leg: str | None = None, owned_only: bool = True) -> list[RecoveryPoint]:
+        tags = [OWNER_TAG] if owned_only else []
+        if policy:
+            tags.append(policy_tag(policy))
+        if leg:
+            tags.append(leg_tag(leg))
+        args = ["snapshots", "--json", "--no-lock"]
+        if tags:
+            args += ["--tag", ",".join(tags)]  # one --tag with commas = all of these
+        res = self._run(args, parse="json")
+        points = []
+        for snap in res.parsed or []:
+            tagset = snap.get("tags") or []
+            pol = next((t.split("=", 1)[1] for t in tagset if t.startswith("drtool:policy=")), None)
+            lg = next((t.split("=", 1)[1] for t in tagset if t.startswith("drtool:leg=")), None)
+            points.append(RecoveryPoint(
+                id=snap["id"], time=parse_restic_time(snap["time"]), location=self.name, policy=pol, leg=lg,
+                paths=tuple(snap.get("paths") or ()),
+                meta={"short_id": snap.get("short_id"), "hostname": snap.get("hostname"), "tags": tagset, "owned": OWNER_TAG in tagset},
+            ))
+        points.sort(key=lambda p: p.time)
+        return points
+
+    def check(self, *, read_data_percent: float) -> CheckResult:
+        pct = f"{read_data_percent:g}%"
+        res = self._run(["check", f"--read-data-subset={pct}"], check=False)
+        if res.ok:
+            return CheckResult(True, "integrity", f"restic check read {pct} of pack data: no errors", {"read_data_subset": pct})
+        if res.outcome is ex.Outcome.LOCKED:
+            raise LockHeld(f"restic repository {self.name} is locked")
+        problems = [ln for ln in res.stderr_lines + (res.stdout or "").splitlines() if re.search(r"error|fatal|damaged|invalid|mismatch|does not match", ln, re.I)]
+        return CheckResult(False, "integrity", f"restic check found errors in {self.name}: " + (" | ".join(problems[:5]) or res.stderr_tail(5)),
+                           {"read_data_subset": pct, "returncode": res.returncode, "problems": problems[:50]})
+
+    def restore(self, point_id: str, target: str, *, include: Iterable[str] = (), verify: bool = False, progress: ProgressFn | None = None) -> None:
+        args = ["restore", point_id, "--target", target]
+        for inc in include:
+            args += ["--include", inc]
+        if verify:
+            args.append("--verify")
+        self._run(args)
+
+    def read_file(self, point_id: str, path: str, on_chunk: Callable[[bytes], None]) -> None:
+        """Stream one file's content out of a snapshot (constant memory)."""
+        self._run(["dump", point_id, path], on_stdout_chunk=on_chunk)
+
+    def forget(self, point_ids: list[str]) -> None:
+        if not point_ids:
+            return
+        self._run(["forget", "--prune", *point_ids])

@@ -1,0 +1,396 @@
+"""The drtool command line. Thin: parse, call the engine, render, map to an exit code."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .errors import ConfigError, DrtoolError, ExitCode, LockHeld, exit_code_for
+from .secrets import MaskingFilter, mask
+
+log = logging.getLogger("drtool")
+out_console = Console(soft_wrap=True)  # stdout: human output; long lines are not cut
+err_console = Console(stderr=True)
+
+
+class Exit(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = int(code)
+
+
+def _setup_logging(debug: bool, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(MaskingFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("drtool")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug or verbose else logging.WARNING)
+    root.propagate = False
+
+
+def _emit_json(doc: Any) -> None:
+    text = json.dumps(doc, indent=2, default=str, sort_keys=False)
+    click.echo(mask(text))
+
+
+class State:
+    def __init__(self, config: str | None, json_out: bool, debug: bool) -> None:
+        self.config = config
+        self.json = json_out
+        self.debug = debug
+        self._cfg = None
+        self._ctx = None
+
+    def cfg(self):
+        from .policy.loader import load_config
+
+        if self._cfg is None:
+            self._cfg = load_config(self.config)
+        return self._cfg
+
+    def ctx(self):
+        if self._ctx is None:
+            from .catalog import Catalog, state_dir
+            from .engine import Context
+            from .ui import UI
+
+            sd = Path(state_dir())
+            sd.mkdir(parents=True, exist_ok=True)
+            self._ctx = Context(cfg=self.cfg(), catalog=Catalog.open(), state_dir=sd, ui=UI(err_console, enabled=None if not self.json else err_console.is_terminal))
+        return self._ctx
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def json_option(f: Callable) -> Callable:
+    def cb(ctx: click.Context, _p: Any, value: bool) -> bool:
+        if value:
+            ctx.find_object(State).json = True
+        return value
+
+    return click.option("--json", "json_flag", is_flag=True, expose_value=False, callback=cb, help="Print one JSON document on stdout; logs go to stderr.")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", envvar="DRTOOL_CONFIG", default=None, help="Policy file or directory (default ./policies, or $DRTOOL_CONFIG).")
+@click.option("--json", "json_out", is_flag=True, help="Print one JSON document on stdout; logs go to stderr.")
+@click.option("--debug", is_flag=True, help="Debug logging; tracebacks for internal errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every external command (masked).")
+@click.version_option(__version__, prog_name="drtool")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, json_out: bool, debug: bool, verbose: bool) -> None:
+    """drtool: backups you can prove. 3-2-1-1-0 from live inventory, verified copies, tested restores."""
+    _setup_logging(debug, verbose)
+    ctx.obj = State(config, json_out, debug)
+
+
+# ------------------------------------------------------------------ policy
+
+
+@cli.group()
+def policy() -> None:
+    """Validate, explain and document policy files."""
+
+
+@policy.command("validate")
+@click.argument("paths", nargs=-1, type=click.Path())
+@json_option
+@pass_state
+def policy_validate(st: State, paths: tuple[str, ...]) -> None:
+    """Validate policy files; report every error as file:line: field: message."""
+    from .policy.loader import PolicyError, load_config
+
+    try:
+        cfg = load_config(st.config, paths=paths)
+    except PolicyError as exc:
+        if st.json:
+            _emit_json({"valid": False, "errors": [i.__dict__ for i in exc.issues]})
+        else:
+            for issue in exc.issues:
+                click.echo(str(issue), err=True)
+            click.echo(f"{len(exc.issues)} error(s)", err=True)
+        raise Exit(ExitCode.USAGE)
+    if st.json:
+        _emit_json({"valid": True, "files": cfg.files, "locations": sorted(cfg.locations), "policies": sorted(cfg.policies)})
+    else:
+        click.echo(f"ok: {len(cfg.files)} file(s), {len(cfg.locations)} location(s), {len(cfg.policies)} polic{'y' if len(cfg.policies) == 1 else 'ies'}")
+
+
+@policy.command("schema")
+def policy_schema() -> None:
+    """Print the policy file JSON Schema (for yaml-language-server)."""
+    from .policy.schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@policy.command("sample")
+def policy_sample() -> None:
+    """Print a commented sample policy file."""
+    from .policy.schema import commented_sample
+
+    click.echo(commented_sample(), nl=False)
+
+
+@policy.command("explain")
+@click.option("--policy", "policy_name", help="Only this policy.")
+@json_option
+@pass_state
+def policy_explain(st: State, policy_name: str | None) -> None:
+    """Static 3-2-1-1-0 analysis: which copies count, and why the others do not."""
+    from .policy.rules import assess
+
+    cfg = st.cfg()
+    results = [assess(p, cfg) for p in cfg.select(policy_name)]
+    if st.json:
+        _emit_json({"policies": [r.to_dict() for r in results]})
+        return
+    for r in results:
+        _render_assessment(r)
+
+
+def _render_assessment(r: Any) -> None:
+    verdict = {True: "[green]compliant[/]", False: "[red]NOT compliant[/]", None: "[yellow]compliant so far (0 errors is checked live)[/]"}[r.compliant]
+    out_console.print(f"[bold]{r.policy}[/]: {verdict}")
+    out_console.print("  copies:")
+    for c in r.copies:
+        mark = "[green]counts[/]" if c.counts else "[red]does not count[/]"
+        out_console.print(f"    {c.label} ({c.media}, site {c.site}, domain {c.failure_domain}): {mark}: {c.reason}", highlight=False)
+        if c.live:
+            age = c.live["age"] or "never"
+            out_console.print(f"        {c.live['points']} point(s), newest {age} old; last passing verification: "
+                              f"{c.live['last_verified'] or 'never'} ({c.live['verified_level'] or '-'})", highlight=False)
+    out_console.print("  rules:")
+    for rule in r.rules:
+        mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: "[yellow]?[/]"}[rule.ok]
+        out_console.print(f"    {mark} {rule.rule}: {rule.detail}", highlight=False)
+    out_console.print()
+
+
+# ------------------------------------------------------------------ run / verify / prune
+
+
+def _phase_exit(phases: list[str]) -> int:
+    done = [p for p in phases if p != "skipped"]
+    if not phases:
+        return ExitCode.OK
+    if not done:
+        return ExitCode.LOCKED
+    failed = sum(p == "failed" for p in done)
+    if failed == 0:
+        return ExitCode.OK
+    return ExitCode.FAILURE if failed == len(done) else ExitCode.PARTIAL
+
+
+def _select_legs(cfg: Any, policy_name: str | None, leg_name: str | None) -> list[tuple[Any, Any]]:
+    pols = cfg.select(policy_name)
+    pairs = []
+    for p in pols:
+        for leg in p.legs:
+            if leg_name is None or leg.leg_name == leg_name:
+                pairs.append((p, leg))
+    if leg_name and not pairs:
+        known = sorted({leg.leg_name for p in pols for leg in p.legs})
+        raise ConfigError(f"no leg named {leg_name!r} (known: {', '.join(known)})")
+    return pairs
+
+
+@cli.command("run")
+@click.option("--policy", "policy_name", help="Only this policy.")
+@click.option("--leg", "leg_name", help="Only this leg.")
+@click.option("--dry-run", is_flag=True, help="Show what would run; change nothing.")
+@click.option("--no-verify", is_flag=True, help="Do not run verifications that are due after the legs.")
+@json_option
+@pass_state
+def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool, no_verify: bool) -> None:
+    """Run policy legs now, then the verifications that are due."""
+    from .engine import run_leg, verify_due, verify_leg
+
+    ctx = st.ctx()
+    results, verifications = [], []
+    for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
+        r = run_leg(ctx, pol, leg, dry_run=dry_run)
+        results.append(r)
+        if not st.json:
+            _line(r.phase, f"{r.policy}/{r.leg}", r.message)
+        if r.phase == "succeeded" and not no_verify and verify_due(ctx, pol, leg):
+            v = verify_leg(ctx, pol, leg)
+            verifications.append(v)
+            if not st.json:
+                _line("skipped" if v.skipped else ("succeeded" if v.ok else "failed"), f"{v.policy}/{v.leg} verify {v.level}", v.message)
+    phases = [r.phase for r in results] + [("skipped" if v.skipped else "succeeded" if v.ok else "failed") for v in verifications]
+    code = ExitCode.OK if dry_run and all(r.phase == "planned" for r in results) else _phase_exit(phases)
+    if st.json:
+        _emit_json({"results": [r.to_dict() for r in results], "verifications": [v.to_dict() for v in verifications], "exit_code": int(code)})
+    raise Exit(code)
+
+
+def _line(phase: str, what: str, message: str) -> None:
+    style = {"succeeded": "green", "failed": "red", "skipped": "yellow", "planned": "cyan"}.get(phase, "white")
+    out_console.print(f"[{style}]{phase:>9}[/] {what}: {message}", highlight=False, soft_wrap=True)
+
+
+@cli.command("verify")
+@click.option("--policy", "policy_name", help="Only this policy.")
+@click.option("--leg", "leg_name", help="Only this leg.")
+@click.option("--level", type=click.Choice(["exists", "integrity", "sample", "full"]), help="Override the declared level.")
+@json_option
+@pass_state
+def verify_cmd(st: State, policy_name: str | None, leg_name: str | None, level: str | None) -> None:
+    """Prove copies are restorable, at the declared (or given) depth."""
+    from .engine import verify_leg
+
+    ctx = st.ctx()
+    results = []
+    for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
+        if leg.kind != "backup":
+            continue
+        v = verify_leg(ctx, pol, leg, level=level)
+        results.append(v)
+        if not st.json:
+            _line("skipped" if v.skipped else ("succeeded" if v.ok else "failed"), f"{v.policy}/{v.leg} {v.level}", v.message)
+    code = _phase_exit([("skipped" if v.skipped else "succeeded" if v.ok else "failed") for v in results])
+    if st.json:
+        _emit_json({"verifications": [v.to_dict() for v in results], "exit_code": int(code)})
+    raise Exit(code)
+
+
+@cli.command("prune")
+@click.option("--policy", "policy_name", help="Only this policy.")
+@click.option("--leg", "leg_name", help="Only this leg.")
+@click.option("--dry-run", is_flag=True, help="Show the plan; delete nothing.")
+@json_option
+@pass_state
+def prune_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool) -> None:
+    """Apply retention: only to points drtool made, never the newest or last verified."""
+    from .engine import prune_leg
+
+    ctx = st.ctx()
+    results = []
+    for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
+        try:
+            r = prune_leg(ctx, pol, leg, dry_run=dry_run)
+        except LockHeld as exc:
+            from .engine import PruneResult
+
+            r = PruneResult(pol.name, leg.leg_name, leg.to or "", None, dry_run, False, str(exc))
+        results.append(r)
+        if not st.json:
+            _line("planned" if dry_run else ("succeeded" if r.ok else "failed"), f"{r.policy}/{r.leg}", r.message)
+            if r.plan:
+                for d in r.plan.decisions:
+                    verb = "keep  " if d.keep else "REMOVE"
+                    out_console.print(f"    {verb} {d.point_id[:12]} {d.time.isoformat()}  {', '.join(d.reasons)}", highlight=False)
+    code = _phase_exit(["succeeded" if r.ok else "failed" for r in results])
+    if st.json:
+        _emit_json({"dry_run": dry_run, "prunes": [r.to_dict() for r in results], "exit_code": int(code)})
+    raise Exit(code)
+
+
+# ------------------------------------------------------------------ inventory / status
+
+
+@cli.command("inventory")
+@click.option("--location", help="Only this location.")
+@json_option
+@pass_state
+def inventory_cmd(st: State, location: str | None) -> None:
+    """List recovery points as they exist in the storage systems now."""
+    from .engine import inventory
+
+    ctx = st.ctx()
+    inv = inventory(ctx, location)
+    if st.json:
+        _emit_json({"locations": {n: {"error": v["error"], "points": [p.to_dict() for p in v["points"]]} for n, v in inv.items()}})
+    else:
+        for name, v in inv.items():
+            out_console.print(f"[bold]{name}[/]: " + (f"[red]{v['error']}[/]" if v["error"] else f"{len(v['points'])} point(s)"))
+            for p in v["points"]:
+                out_console.print(f"  {p.id[:12]}  {p.time.isoformat()}  {p.policy or '-'}/{p.leg or '-'}  {' '.join(p.paths)}", highlight=False)
+    errors = [n for n, v in inv.items() if v["error"]]
+    raise Exit(ExitCode.FAILURE if errors and len(errors) == len(inv) else ExitCode.PARTIAL if errors else ExitCode.OK)
+
+
+@cli.command("status")
+@click.option("--policy", "policy_name", help="Only this policy.")
+@json_option
+@pass_state
+def status_cmd(st: State, policy_name: str | None) -> None:
+    """3-2-1-1-0 per policy, computed from the live inventory and the catalog. Exit 4 when not compliant."""
+    from .status import live_assessments
+
+    ctx = st.ctx()
+    results = live_assessments(ctx, policy_name)
+    compliant = all(r.compliant for r in results)
+    if st.json:
+        _emit_json({"now": ctx.now().isoformat(), "compliant": compliant, "policies": [r.to_dict() for r in results]})
+    else:
+        for r in results:
+            _render_assessment(r)
+    raise Exit(ExitCode.OK if compliant else ExitCode.NONCOMPLIANT)
+
+
+@cli.command("runs")
+@click.option("--policy", "policy_name", help="Only this policy.")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+@pass_state
+def runs_cmd(st: State, policy_name: str | None, limit: int) -> None:
+    """Recent runs from the catalog."""
+    from .catalog import Catalog
+
+    cat = Catalog.open()
+    runs = cat.runs(policy=policy_name, limit=limit)
+    if st.json:
+        _emit_json({"runs": [_run_dict(r) for r in runs]})
+        return
+    for r in runs:
+        _line(r.phase, f"{r.kind} {r.policy or '-'}/{r.leg or '-'} {r.started_at:%Y-%m-%d %H:%M:%S}", "; ".join(r.errors or r.warnings or []) or (r.recovery_point or "")[:12])
+
+
+def _run_dict(r: Any) -> dict[str, Any]:
+    keys = ("uuid", "kind", "policy", "leg", "leg_kind", "location", "phase", "dry_run", "started_at", "ended_at", "bytes_processed",
+            "recovery_point", "warnings", "errors", "command_log", "host", "pid")
+    return {k: getattr(r, k) for k in keys}
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="drtool", standalone_mode=False)
+        code = ExitCode.OK
+    except Exit as e:
+        code = e.code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = ExitCode.USAGE
+    except DrtoolError as e:
+        click.echo(f"drtool: {mask(str(e))}", err=True)
+        code = exit_code_for(e)
+    except KeyboardInterrupt:
+        click.echo("drtool: interrupted", err=True)
+        code = 130
+    except Exception as e:  # internal error
+        click.echo(f"drtool: internal error: {mask(type(e).__name__ + ': ' + str(e))}" + ("" if debug else " (run with --debug for a traceback)"), err=True)
+        if debug:
+            click.echo(mask(traceback.format_exc()), err=True)
+        code = ExitCode.FAILURE
+    sys.exit(int(code))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

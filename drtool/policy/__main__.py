@@ -1,0 +1,20 @@
+"""`python -m drtool.policy` regenerates docs/policy.schema.json and docs/policy-reference.md."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .schema import json_schema, reference_markdown
+
+
+def main(docs: str = "docs") -> None:
+    d = Path(docs)
+    d.mkdir(exist_ok=True)
+    (d / "policy.schema.json").write_text(json.dumps(json_schema(), indent=2) + "\n")
+    (d / "policy-reference.md").write_text(reference_markdown())
+    print(f"wrote {d / 'policy.schema.json'} and {d / 'policy-reference.md'}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,276 @@
+"""Policy file models: the one source of truth for validation, JSON Schema,
+the commented sample and the reference docs (STYLE #1).
+
+Every field has a type, a description and (where useful) an example; unknown
+keys are errors. Cross-references (a leg's target location, a source location)
+are checked in ``loader.py``, which knows file:line.
+"""
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, ClassVar, Literal, Union
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..durations import DURATION_PATTERN, parse_duration
+from ..secrets import SecretRef
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+NAME_HINT = "use lowercase letters, digits, '.', '_' or '-' (start with a letter or digit, at most 63 characters)"
+
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN, json_schema_extra={"format": "duration"})]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- locations
+
+Media = Annotated[
+    str,
+    Field(
+        description="Storage medium, for the '2 media' rule: ssd, nvme, hdd, tape, optical, cloud-object, … "
+        "Two copies on the same medium count once.",
+        examples=["hdd"],
+        min_length=1,
+    ),
+]
+
+
+class LocationBase(Strict):
+    media: Media
+    site: str = Field(
+        description="Physical site, for the '1 offsite' rule. A copy counts as offsite when its site differs from the source's.",
+        examples=["home"],
+        min_length=1,
+    )
+    failure_domain: str = Field(
+        description="What fails together (a host, a pool, a cluster, a cloud account). "
+        "Copies in the same failure domain as the source, or as each other, count once.",
+        examples=["nas01"],
+        min_length=1,
+    )
+    immutable: bool = Field(
+        False,
+        description="Copies here cannot be altered or deleted before they expire (object lock, bucket retention, append-only). "
+        "Where drtool can read the fact from the store it checks the claim; elsewhere it is reported as declared.",
+    )
+    offline: bool = Field(
+        False,
+        description="An offline or air-gapped medium (a rotated USB disk, tape). Counts for the '1 immutable or offline' rule; reported as declared.",
+    )
+
+    sample_name: ClassVar[str] = "location"
+
+
+class FilesystemLocation(LocationBase):
+    """Plain files on a host: where a policy's source lives."""
+
+    type: Literal["filesystem"] = Field(description="Location type.")
+    host: str | None = Field(None, description="Host name, for reports. Defaults to this machine.", examples=["nas01"])
+
+    sample_name: ClassVar[str] = "nas"
+
+
+class ResticLocation(LocationBase):
+    """A restic repository: a local path, or a URL restic understands (sftp:, s3:, gs:, rest:)."""
+
+    type: Literal["restic"] = Field(description="Location type.")
+    repository: str = Field(
+        description="The restic repository: an absolute path, or a restic URL such as sftp:host:/path, s3:https://host/bucket, gs:bucket:/path.",
+        examples=["/srv/backup/restic"],
+        min_length=1,
+    )
+    password: SecretRef = Field(description="The repository password, as a secret reference. Passed to restic by file descriptor, never in argv.")
+    init: bool = Field(False, description="Initialise the repository on first use when it does not exist yet.")
+    env: dict[str, SecretRef] = Field(
+        default_factory=dict,
+        description="Extra environment for restic (e.g. AWS_ACCESS_KEY_ID), each value a secret reference.",
+    )
+
+    sample_name: ClassVar[str] = "offsite-restic"
+
+    @field_validator("repository")
+    @classmethod
+    def _absolute_or_url(cls, v: str) -> str:
+        if ":" not in v and not v.startswith("/"):
+            raise ValueError(f"repository {v!r} is a relative path: use an absolute path or a restic URL (sftp:, s3:, gs:, rest:)")
+        return v
+
+
+Location = Annotated[Union[FilesystemLocation, ResticLocation], Field(discriminator="type")]
+LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation)
+
+
+# --------------------------------------------------------------------------- legs
+
+
+class Retention(Strict):
+    """GFS retention (see docs/retention.md). No rule at all means keep everything."""
+
+    keep_last: int | None = Field(None, ge=0, description="Keep the N newest points.", examples=[3])
+    keep_hourly: int | None = Field(None, ge=0, description="Keep the newest point of each of the last N hours that have points.", examples=[24])
+    keep_daily: int | None = Field(None, ge=0, description="Keep the newest point of each of the last N days that have points.", examples=[7])
+    keep_weekly: int | None = Field(None, ge=0, description="Keep the newest point of each of the last N ISO weeks that have points.", examples=[4])
+    keep_monthly: int | None = Field(None, ge=0, description="Keep the newest point of each of the last N months that have points.", examples=[12])
+    keep_yearly: int | None = Field(None, ge=0, description="Keep the newest point of each of the last N years that have points.", examples=[3])
+
+
+VerifyLevel = Literal["exists", "integrity", "sample", "full"]
+VERIFY_LEVELS: tuple[str, ...] = ("exists", "integrity", "sample", "full")
+
+
+class Verify(Strict):
+    """How deep and how often to prove a copy is restorable."""
+
+    level: VerifyLevel = Field(
+        "exists",
+        description="exists: a point is listed and fresh within the RPO; integrity: the store's own deep check "
+        "(restic check --read-data-subset); sample: restore a random sample of files and compare hashes recorded at "
+        "backup time; full: restore everything and compare.",
+        examples=["integrity"],
+    )
+    every: Duration = Field("1d", description="How often this verification must pass for the copy to count as error-free.", examples=["7d"])
+    read_data_percent: float = Field(
+        5.0, gt=0, le=100, description="integrity: the share of pack data restic reads back and checks.", examples=[10]
+    )
+    sample_files: int = Field(
+        16, ge=1, le=10000, description="sample: how many files are hashed at backup time and restored and compared at verify time.", examples=[32]
+    )
+
+    @property
+    def every_td(self) -> timedelta:
+        return parse_duration(self.every)
+
+
+LegKind = Literal["snapshot", "replicate", "backup", "upload", "parity"]
+LEG_KINDS: tuple[str, ...] = ("snapshot", "replicate", "backup", "upload", "parity")
+# Which location types each leg kind can write to (grows as backends land).
+LEG_TARGET_TYPES: dict[str, tuple[str, ...]] = {
+    "backup": ("restic",),
+    "snapshot": (),
+    "replicate": (),
+    "upload": (),
+    "parity": (),
+}
+# Which source location types support the legs that act on the source itself.
+LEG_SOURCE_TYPES: dict[str, tuple[str, ...]] = {"snapshot": (), "parity": ()}
+
+
+class Leg(Strict):
+    """One way a policy protects its source."""
+
+    kind: LegKind = Field(
+        description="snapshot: point-in-time on the source's own storage (a recovery point, not a copy); "
+        "replicate: to another location of the same kind; backup: restic into a repository; "
+        "upload: a stream or file to an object store; parity: SnapRAID sync/scrub (protection, not a copy).",
+        examples=["backup"],
+    )
+    name: Name | None = Field(None, description="Leg name, unique in the policy. Default: the kind and target, e.g. 'backup-offsite-restic'.", examples=["nightly"])
+    to: Name | None = Field(None, description="The target location's name (all kinds except snapshot and parity).", examples=["offsite-restic"])
+    schedule: str = Field(description="When to run, as a cron expression (5 fields, or @hourly/@daily/@weekly).", examples=["0 3 * * *"])
+    retention: Retention = Field(default_factory=Retention, description="What prune keeps. Empty: keep everything.")
+    verify: Verify = Field(default_factory=Verify, description="Verification level and frequency.")
+    exclude: list[str] = Field(default_factory=list, description="backup: restic exclude patterns.", examples=[["*.tmp", ".cache"]])
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a valid cron expression: write 5 fields 'minute hour day month weekday', e.g. '0 3 * * *'")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self) -> "Leg":
+        if self.kind in ("snapshot", "parity"):
+            if self.to is not None:
+                raise ValueError(f"a {self.kind} leg acts on the source's own location: remove 'to'")
+        elif self.to is None:
+            raise ValueError(f"a {self.kind} leg needs 'to': the name of the target location")
+        return self
+
+    @property
+    def leg_name(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.kind}-{self.to}" if self.to else self.kind
+
+
+class Source(Strict):
+    """What a policy protects, and where it lives."""
+
+    location: Name = Field(description="The location holding the source (its media/site/failure_domain are the production copy's).", examples=["nas"])
+    path: str | list[str] | None = Field(
+        None,
+        description="Absolute path(s) of the data to protect (filesystem sources).",
+        examples=["/srv/data/documents"],
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str | list[str] | None) -> str | list[str] | None:
+        paths = [v] if isinstance(v, str) else (v or [])
+        if isinstance(v, list) and not v:
+            raise ValueError("path is an empty list: name at least one absolute path")
+        for p in paths:
+            if not p.startswith("/"):
+                raise ValueError(f"path {p!r} is relative: write an absolute path (restic stores relative paths oddly)")
+        return v
+
+    @property
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class Policy(Strict):
+    """Protects one source with a set of legs, against declared RPO and RTO."""
+
+    name: Name = Field(description="Policy name, unique across the configuration.", examples=["documents"])
+    description: str | None = Field(None, description="Free text for reports.", examples=["Family documents and scans"])
+    source: Source = Field(description="What to protect.")
+    rpo: Duration = Field(description="Recovery point objective: the newest point of each counted copy must be younger than this.", examples=["24h"])
+    rto: Duration = Field(description="Recovery time objective: drills measure restores against it.", examples=["4h"])
+    legs: list[Leg] = Field(min_length=1, description="How the source is protected.")
+
+    @model_validator(mode="after")
+    def _unique_legs(self) -> "Policy":
+        seen: set[str] = set()
+        for leg in self.legs:
+            if leg.leg_name in seen:
+                raise ValueError(f"two legs are named {leg.leg_name!r}: give one of them a distinct 'name'")
+            seen.add(leg.leg_name)
+        return self
+
+    @property
+    def rpo_td(self) -> timedelta:
+        return parse_duration(self.rpo)
+
+    @property
+    def rto_td(self) -> timedelta:
+        return parse_duration(self.rto)
+
+    def leg(self, name: str) -> Leg:
+        for leg in self.legs:
+            if leg.leg_name == name:
+                return leg
+        raise KeyError(name)
+
+
+class PolicyFile(Strict):
+    """One drtool policy file. A configuration is one file or a directory of them; names are global across files."""
+
+    model_config = ConfigDict(extra="forbid", title="drtool policy file")
+
+    version: Literal[1] = Field(1, description="Policy file format version.")
+    locations: dict[Name, Location] = Field(default_factory=dict, description="Named places where data lives, referenced by name.")
+    policies: list[Policy] = Field(default_factory=list, description="What to protect and how.")
+
+
+def valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None

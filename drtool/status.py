@@ -1,0 +1,37 @@
+"""Live 3-2-1-1-0 per policy, from the real inventory and the catalog."""
+from __future__ import annotations
+
+from .engine import Context
+from .errors import DrtoolError
+from .policy.rules import Assessment, LegHealth, assess
+
+
+def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment]:
+    now = ctx.now()
+    listings: dict[str, tuple[list, str | None]] = {}
+    out = []
+    for pol in ctx.cfg.select(policy):
+        health: dict[str, LegHealth] = {}
+        for leg in pol.legs:
+            if leg.to is None or leg.kind != "backup":
+                continue
+            if leg.to not in listings:
+                try:
+                    listings[leg.to] = (ctx.repo(leg.to).list_points(), None)
+                except DrtoolError as exc:
+                    listings[leg.to] = ([], str(exc))
+            points, error = listings[leg.to]
+            mine = [p for p in points if p.policy == pol.name and p.leg == leg.leg_name]
+            last = ctx.catalog.last_verification(pol.name, leg.leg_name, level_at_least=leg.verify.level)
+            health[leg.leg_name] = LegHealth(
+                newest_point=max((p.time for p in mine), default=None),
+                point_count=len(mine),
+                last_verified=last.ended_at if last else None,
+                verified_level=last.level if last else None,
+                now=now,
+                rpo=pol.rpo_td,
+                verify_every=leg.verify.every_td,
+                inventory_error=error,
+            )
+        out.append(assess(pol, ctx.cfg, health))
+    return out

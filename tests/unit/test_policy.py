@@ -1,0 +1,169 @@
+"""Policy loading: every error at once with file:line, field path and fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from drtool.policy.loader import PolicyError, load_config
+from drtool.policy.schema import commented_sample, json_schema, reference_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = dedent("""\
+    version: 1
+    locations:
+      laptop: {type: filesystem, media: ssd, site: home, failure_domain: laptop}
+      repo-a:
+        type: restic
+        repository: /srv/restic-a
+        password: {env: RESTIC_PW}
+        media: hdd
+        site: home
+        failure_domain: usb
+    policies:
+      - name: docs
+        source: {location: laptop, path: /data/docs}
+        rpo: 24h
+        rto: 4h
+        legs:
+          - kind: backup
+            to: repo-a
+            schedule: "0 3 * * *"
+            retention: {keep_daily: 7}
+            verify: {level: integrity, every: 7d}
+""")
+
+
+def _errors(tmp_path: Path, text: str, name: str = "p.yaml") -> list[str]:
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(PolicyError) as exc:
+        load_config(f)
+    return [str(i) for i in exc.value.issues]
+
+
+def test_good_file_loads(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(GOOD)
+    cfg = load_config(f)
+    pol = cfg.policy("docs")
+    assert pol.legs[0].leg_name == "backup-repo-a"
+    assert pol.rpo_td.total_seconds() == 86400
+    assert pol.legs[0].verify.every_td.days == 7
+    assert cfg.location("repo-a").password.env == "RESTIC_PW"
+
+
+def test_every_error_at_once_with_line_path_and_fix(tmp_path):
+    bad = GOOD.replace("media: hdd", "media: hdd\n    immutible: true") \
+              .replace("rpo: 24h", "rpo: 24 hours") \
+              .replace('"0 3 * * *"', '"0 3 * *"') \
+              .replace("keep_daily: 7", "keep_dayly: 7") \
+              .replace("to: repo-a", "to: repo-c")
+    errs = _errors(tmp_path, bad)
+    text = "\n".join(errs)
+    lines = bad.splitlines()
+
+    def line_of(fragment: str) -> int:
+        return next(i + 1 for i, ln in enumerate(lines) if fragment in ln)
+
+    assert f"p.yaml:{line_of('immutible')}: locations.repo-a.immutible: unknown field 'immutible' (did you mean 'immutable'?)" in text
+    assert f"p.yaml:{line_of('rpo:')}: policies[0].rpo:" in text and "duration like '24h'" in text
+    assert f"p.yaml:{line_of('schedule')}: policies[0].legs[0].schedule:" in text and "cron" in text
+    assert f"policies[0].legs[0].retention.keep_dayly: unknown field 'keep_dayly' (did you mean 'keep_daily'?)" in text
+    assert f"p.yaml:{line_of('repo-c')}: policies[0].legs[0].to: unknown location 'repo-c' (did you mean 'repo-a'?)" in text
+    assert len(errs) == 5, text
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("password: {env: RESTIC_PW}", "password: {env: A, file: /b}", "exactly one of env, file, command"),
+        ("password: {env: RESTIC_PW}", "password: hunter2", "Input should be a valid dictionary"),
+        ("repository: /srv/restic-a", "repository: srv/restic-a", "relative path"),
+        ("type: restic", "type: tape", "unknown type 'tape'"),
+        ("- name: docs", "- name: Docs", "not a valid name"),
+        ("path: /data/docs", "path: data/docs", "is relative"),
+        ("keep_daily: 7", "keep_daily: -1", "greater than or equal to 0, got -1"),
+        ("level: integrity", "level: deep", "got 'deep'"),
+        ("    legs:\n", "    legs:\n      - {kind: snapshot, schedule: '@daily'}\n", "not supported on a filesystem source"),
+        ("to: repo-a", "to: laptop", "cannot write to 'laptop' (type filesystem)"),
+    ],
+)
+def test_specific_errors_name_the_fix(tmp_path, old, new, expected):
+    assert old in GOOD
+    errs = _errors(tmp_path, GOOD.replace(old, new, 1))
+    assert any(expected in e for e in errs), errs
+    assert all(e.startswith(str(tmp_path / "p.yaml") + ":") for e in errs)
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path):
+    errs = _errors(tmp_path, "version: 1\npolicies:\n  - name: [unclosed\n")
+    assert errs[0].startswith(str(tmp_path / "p.yaml") + ":") and "YAML syntax" in errs[0]
+
+
+def test_directory_config_duplicates_across_files(tmp_path):
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text(GOOD.split("policies:")[0])
+    with pytest.raises(PolicyError) as exc:
+        load_config(tmp_path)
+    msgs = [str(i) for i in exc.value.issues]
+    assert any("b.yaml:3: locations.laptop: location 'laptop' is already defined at" in m and "a.yaml:3" in m for m in msgs), msgs
+
+
+def test_references_resolve_across_files(tmp_path):
+    locs, pols = GOOD.split("policies:")
+    (tmp_path / "locations.yaml").write_text(locs)
+    (tmp_path / "policies.yaml").write_text("version: 1\npolicies:" + pols)
+    cfg = load_config(tmp_path)
+    assert sorted(cfg.locations) == ["laptop", "repo-a"] and list(cfg.policies) == ["docs"]
+
+
+def test_missing_config_is_a_clear_usage_error(tmp_path):
+    from drtool.errors import ConfigError, ExitCode
+
+    with pytest.raises(ConfigError, match="configuration not found") as exc:
+        load_config(tmp_path / "nope")
+    assert exc.value.exit_code == ExitCode.USAGE
+
+
+def test_commented_sample_is_valid_and_commented(tmp_path):
+    text = commented_sample()
+    assert text.count("# ") > 30
+    f = tmp_path / "sample.yaml"
+    f.write_text(text)
+    cfg = load_config(f)
+    assert cfg.policies and cfg.locations
+
+
+def test_schema_validates_the_shape():
+    schema = json_schema()
+    assert schema["additionalProperties"] is False
+    assert "Leg" in schema["$defs"] and "ResticLocation" in schema["$defs"]
+
+
+def test_committed_docs_are_generated_from_the_models():
+    """Fails when docs/ drifts from the models: run `make docs`."""
+    assert (ROOT / "docs/policy-reference.md").read_text() == reference_markdown(), "docs/policy-reference.md is stale: run `make docs`"
+    committed = json.loads((ROOT / "docs/policy.schema.json").read_text())
+    assert committed == json_schema(), "docs/policy.schema.json is stale: run `make docs`"
+
+
+def test_shipped_policies_validate(monkeypatch):
+    monkeypatch.setenv("DEMO_RESTIC_PASSWORD", "x")
+    for d in ("policies", "examples"):
+        if (ROOT / d).is_dir() and any((ROOT / d).glob("*.yaml")):
+            load_config(ROOT / d)
+
+
+def test_durations():
+    from drtool.durations import format_duration, parse_duration
+
+    assert parse_duration("1h30m").total_seconds() == 5400
+    assert parse_duration("2w").days == 14
+    assert format_duration(parse_duration("1d2h3m")) == "1d2h"
+    for bad in ("", "1x", "h", "0s", "-1h", "1.5h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
