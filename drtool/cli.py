@@ -63,7 +63,10 @@ class State:
 
             sd = Path(state_dir())
             sd.mkdir(parents=True, exist_ok=True)
-            self._ctx = Context(cfg=self.cfg(), catalog=Catalog.open(), state_dir=sd, ui=UI(err_console, enabled=None if not self.json else err_console.is_terminal))
+            from .engine import reap_orphan_runs
+
+            self._ctx = Context(cfg=self.cfg(), catalog=Catalog.open(), state_dir=sd, ui=UI(err_console))
+            reap_orphan_runs(self._ctx)
         return self._ctx
 
 

@@ -6,6 +6,7 @@ failing leg records its error and never deletes anything.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -98,6 +99,29 @@ def _commands(repo: Repository) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- run
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def reap_orphan_runs(ctx: Context) -> int:
+    """Runs left 'running' by a drtool on this host that died (SIGKILL, power loss)
+    are closed as failed, so history never shows a run that is still going."""
+    import socket
+
+    host = socket.gethostname()
+    n = 0
+    for run in ctx.catalog.runs(limit=200):
+        if run.phase == RunPhase.running.value and run.host == host and run.pid != os.getpid() and not _pid_alive(run.pid):
+            ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[f"interrupted: drtool process {run.pid} died before the run finished"])
+            log.warning("run %s (%s/%s) was interrupted: PID %s died; recorded as failed", run.uuid[:8], run.policy, run.leg, run.pid)
+            n += 1
+    return n
 
 
 def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) -> LegResult:

@@ -23,6 +23,10 @@ def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment
             points, error = listings[leg.to]
             mine = [p for p in points if p.policy == pol.name and p.leg == leg.leg_name]
             last = ctx.catalog.last_verification(pol.name, leg.leg_name, level_at_least=leg.verify.level)
+            latest = ctx.catalog.last_verification(pol.name, leg.leg_name)  # any level, any outcome
+            failure = None
+            if latest is not None and not latest.ok and (last is None or latest.ended_at > last.ended_at):
+                failure = f"{latest.level} at {latest.ended_at:%Y-%m-%d %H:%M}Z: {latest.message}"
             health[leg.leg_name] = LegHealth(
                 newest_point=max((p.time for p in mine), default=None),
                 point_count=len(mine),
@@ -32,6 +36,7 @@ def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment
                 rpo=pol.rpo_td,
                 verify_every=leg.verify.every_td,
                 inventory_error=error,
+                last_failure=failure,
             )
         out.append(assess(pol, ctx.cfg, health))
     return out

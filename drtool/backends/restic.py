@@ -108,6 +108,9 @@ class ResticRepository:
             locked = next((ln for ln in res.stderr_lines if _LOCKED_RE.search(ln)), None)
             if res.outcome is ex.Outcome.LOCKED or locked:
                 raise LockHeld(f"restic repository {self.name} is locked by a live process: {locked or res.stderr_tail(3)}")
+            if check and any(_NOT_FOUND_RE.search(ln) for ln in res.stderr_lines):
+                raise BackendError(f"restic repository {self.loc.repository} (location {self.name}) does not exist: "
+                                   "set `init: true` on the location, or run `restic init`")
             if check:
                 raise ex.CommandError(res)
         return res

@@ -230,6 +230,11 @@ def plan_prune(
             limit = getattr(retention, field_name) or 0
             if limit == 0:
                 continue
+            # Walking newest -> oldest, the first point seen in a bucket is that
+            # bucket's newest point.  "Bucket not used yet" equals restic's
+            # "bucket differs from the last kept one" whenever bucket labels
+            # never go backwards in time (true for UTC, fixed offsets and
+            # real-world DST), and stays idempotent even if they do.
             used: set[tuple[int, ...]] = set()
             for p in countable:
                 if len(used) >= limit:

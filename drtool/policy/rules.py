@@ -32,6 +32,8 @@ class LegHealth:
     verify_every: timedelta
     inventory_error: str | None = None
     immutability: str | None = None  # "verified" / "contradicted: …" when the store can tell
+    last_failure: str | None = None  # the newest verification failed after the last passing one
+
 
     @property
     def fresh(self) -> bool:
@@ -39,6 +41,8 @@ class LegHealth:
 
     @property
     def verified(self) -> bool:
+        if self.last_failure:
+            return False
         return self.last_verified is not None and self.now - self.last_verified <= self.verify_every
 
     def age(self) -> timedelta | None:
@@ -127,6 +131,7 @@ def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None =
                 "verified_level": h.verified_level,
                 "verified": h.verified,
                 "inventory_error": h.inventory_error,
+                "last_failure": h.last_failure,
             }
             if h.immutability:
                 c.immutability = h.immutability
@@ -189,7 +194,9 @@ def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None =
         for c in extra:
             leg = policy.leg(c.leg)  # type: ignore[arg-type]
             h = health.get(c.leg) if health else None  # type: ignore[arg-type]
-            if h is None or not h.verified:
+            if h is not None and h.last_failure:
+                problems.append(f"{c.label}: the latest verification failed: {h.last_failure}")
+            elif h is None or not h.verified:
                 last = "never" if h is None or h.last_verified is None else f"{format_duration(h.now - h.last_verified)} ago"
                 every = format_duration(h.verify_every) if h is not None else leg.verify.every
                 problems.append(f"{c.label}: no passing {leg.verify.level} verification within {every} (last: {last})")

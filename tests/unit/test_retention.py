@@ -16,7 +16,7 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drtool.policy.retention import (
@@ -287,6 +287,42 @@ def test_to_dict_is_json_serialisable() -> None:
     }
 
 
+def test_docs_worked_example() -> None:
+    """The table in docs/retention.md; keep the two in sync."""
+    points = [
+        P(i, at(t))
+        for i, t in [
+            ("a", "2026-11-29T09:00:00"),
+            ("b", "2026-11-28T10:00:00"),
+            ("c", "2026-11-28T06:00:00"),
+            ("d", "2026-11-27T22:00:00"),
+            ("e", "2026-11-27T08:00:00"),
+            ("f", "2026-11-25T23:00:00"),
+            ("g", "2026-11-20T12:00:00"),
+            ("h", "2026-11-13T12:00:00"),
+            ("i", "2026-11-01T12:00:00"),
+        ]
+    ]
+    rules = RetentionRules(keep_last=2, keep_daily=3, keep_weekly=2)
+    pins = {"i": "last verified point", "zz": "held"}
+    now = at("2026-11-28T12:00:00")
+    plan = plan_prune(points, rules, pins, now)
+    assert [(d.point_id, d.keep, d.reasons) for d in plan.decisions] == [
+        ("a", True, ("newest point", "newer than now (clock skew?)")),
+        ("b", True, ("last #1", "daily 2026-11-28", "weekly 2026-W48")),
+        ("c", True, ("last #2",)),
+        ("d", True, ("daily 2026-11-27",)),
+        ("e", False, ("matched no keep rule",)),
+        ("f", True, ("daily 2026-11-25",)),
+        ("g", True, ("weekly 2026-W47",)),
+        ("h", False, ("matched no keep rule",)),
+        ("i", True, ("pinned: last verified point",)),
+    ]
+    la = plan_prune(points, rules, pins, now, tz=ZoneInfo("America/Los_Angeles"))
+    assert by_id(la)["c"].reasons == ("last #2", "daily 2026-11-27")
+    assert removed_ids(la) == {"d", "e", "h"}
+
+
 # --- errors ------------------------------------------------------------------
 
 
@@ -506,7 +542,7 @@ def scenarios(
     return points, chosen_rules, pins, now, tz
 
 
-PROPS = settings(deadline=None, max_examples=300)
+PROPS = settings(deadline=None, max_examples=250)
 
 # --------------------------------------------------------------------------
 # Properties
