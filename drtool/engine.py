@@ -11,15 +11,16 @@ import random
 import shutil
 import tempfile
 from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import manifest
-from .backends import repository_for
+from .backends import REPOSITORIES, repository_for
 from .backends.base import RecoveryPoint, Repository
-from .catalog import Catalog, RunPhase
+from .phases import RunPhase
 from .durations import format_duration
 from .errors import DrtoolError, LockHeld, SourceError
 from .locks import leg_lock
@@ -28,6 +29,9 @@ from .policy.models import VERIFY_LEVELS, Leg, Policy
 from .policy.retention import PrunePlan, RetentionRules, plan_prune
 from .secrets import mask
 from .ui import UI
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
 
 log = logging.getLogger("drtool.engine")
 
@@ -38,13 +42,27 @@ def utcnow() -> datetime:
 
 @dataclass
 class Context:
+    """What a command works with. The catalog opens on first use: importing SQLAlchemy
+    and checking the schema take ~0.6 s, which ``run_leg`` spends while restic is
+    already reading the source."""
+
     cfg: Config
-    catalog: Catalog
     state_dir: Path
     ui: UI
     clock: Callable[[], datetime] = utcnow
     repo_factory: Callable[[str, Any], Repository] = repository_for
+    catalog_url: str | None = None
+    _catalog: "Catalog | None" = None
     _repos: dict[str, Repository] = field(default_factory=dict)
+
+    @property
+    def catalog(self) -> "Catalog":
+        if self._catalog is None:
+            from .catalog import Catalog
+
+            self._catalog = Catalog.open(self.catalog_url)
+            reap_orphan_runs(self)
+        return self._catalog
 
     def now(self) -> datetime:
         return self.clock()
@@ -124,6 +142,24 @@ def reap_orphan_runs(ctx: Context) -> int:
     return n
 
 
+class _RunRecord:
+    """One catalog run, created on first need: ``run_leg`` starts restic before the
+    catalog is open, and records the run (with its true start time) meanwhile."""
+
+    def __init__(self, ctx: Context, kind: str, policy: Policy, leg: Leg, started: datetime) -> None:
+        self.ctx, self.kind, self.policy, self.leg, self.started = ctx, kind, policy, leg, started
+        self.run: Any = None
+
+    def start(self) -> Any:
+        if self.run is None:
+            self.run = self.ctx.catalog.start_run(self.kind, policy=self.policy.name, leg=self.leg.leg_name, leg_kind=self.leg.kind,
+                                                  location=self.leg.to, now=self.started)
+        return self.run
+
+    def finish(self, phase: RunPhase, **kw: Any) -> None:
+        self.ctx.catalog.finish_run(self.start(), phase, now=self.ctx.now(), **kw)
+
+
 def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) -> LegResult:
     name = leg.leg_name
     res = LegResult(policy.name, name, leg.kind, leg.to, "pending", "", dry_run=dry_run)
@@ -141,54 +177,50 @@ def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) ->
         return res
 
     started = ctx.now()
-    try:
-        lock = leg_lock(ctx.state_dir, policy.name, name)
-        lock.__enter__()
-    except LockHeld as exc:
-        run = ctx.catalog.start_run("leg", policy=policy.name, leg=name, leg_kind=leg.kind, location=leg.to, now=started)
-        ctx.catalog.finish_run(run, RunPhase.skipped, now=ctx.now(), warnings=[str(exc)])
-        res.phase, res.message = RunPhase.skipped.value, str(exc)
-        return res
-    run = ctx.catalog.start_run("leg", policy=policy.name, leg=name, leg_kind=leg.kind, location=leg.to, now=started)
+    rec = _RunRecord(ctx, "leg", policy, leg, started)
     repo = ctx.repo(leg.to)  # type: ignore[arg-type]
     try:
-        manifest.check_source(paths)
-        sample = manifest.sample(paths, leg.verify.sample_files)
-        loc = ctx.cfg.location(leg.to)  # type: ignore[arg-type]
-        repo.ensure_ready(create=getattr(loc, "init", False))
-        with ctx.ui.task(f"{policy.name}/{name}: backup → {leg.to}") as task:
-            def progress(msg: dict[str, Any]) -> None:
-                task.update(completed=msg.get("bytes_done", 0), total=msg.get("total_bytes"))
-            out = repo.backup(paths, policy=policy.name, leg=name, excludes=leg.exclude, progress=progress)
-        kept = manifest.still_valid(sample)
-        warnings = list(out.warnings)
-        if len(kept) < len(sample):
-            warnings.append(f"{len(sample) - len(kept)} sampled file(s) changed during the backup and were left out of the manifest")
-        detail = {
-            "paths": paths,
-            "files": out.files,
-            "bytes_added": out.bytes_added,
-            "manifest": [e.to_dict() for e in kept],
-        }
-        ctx.catalog.finish_run(run, RunPhase.succeeded, now=ctx.now(), bytes_processed=out.bytes_processed,
-                               recovery_point=out.point.id, warnings=warnings, command_log=_commands(repo), detail=detail)
-        res.phase = RunPhase.succeeded.value
-        res.point, res.bytes_processed, res.warnings = out.point.id, out.bytes_processed, warnings
-        res.message = f"snapshot {out.point.id[:8]} of {out.files} files, {out.bytes_processed} bytes ({out.bytes_added} new)"
-    except LockHeld as exc:
-        ctx.catalog.finish_run(run, RunPhase.skipped, now=ctx.now(), warnings=[str(exc)], command_log=_commands(repo))
+        with leg_lock(ctx.state_dir, policy.name, name):
+            out, sample = _backup(ctx, policy, leg, repo, rec)
+    except LockHeld as exc:  # our leg lock, or restic's held by a live process
+        rec.finish(RunPhase.skipped, warnings=[str(exc)], command_log=_commands(repo))
         res.phase, res.message = RunPhase.skipped.value, str(exc)
+        return res
     except DrtoolError as exc:
-        ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=_commands(repo))
+        rec.finish(RunPhase.failed, errors=[str(exc)], command_log=_commands(repo))
         res.phase, res.message = RunPhase.failed.value, str(exc)
+        return res
     except Exception as exc:  # internal error: still record the run as failed
-        msg = mask(f"internal error: {type(exc).__name__}: {exc}")
-        ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[msg], command_log=_commands(repo))
+        rec.finish(RunPhase.failed, errors=[mask(f"internal error: {type(exc).__name__}: {exc}")], command_log=_commands(repo))
         raise
-    finally:
-        lock.__exit__(None, None, None)
+    kept = manifest.still_valid(sample)
+    warnings = list(out.warnings)
+    if len(kept) < len(sample):
+        warnings.append(f"{len(sample) - len(kept)} sampled file(s) changed during the backup and were left out of the manifest")
+    detail = {"paths": paths, "files": out.files, "bytes_added": out.bytes_added, "manifest": [e.to_dict() for e in kept]}
+    rec.finish(RunPhase.succeeded, bytes_processed=out.bytes_processed, recovery_point=out.point.id, warnings=warnings,
+               command_log=_commands(repo), detail=detail)
+    res.phase = RunPhase.succeeded.value
+    res.point, res.bytes_processed, res.warnings = out.point.id, out.bytes_processed, warnings
+    res.message = f"snapshot {out.point.id[:8]} of {out.files} files, {out.bytes_processed} bytes ({out.bytes_added} new)"
     res.duration_s = (ctx.now() - started).total_seconds()
     return res
+
+
+def _backup(ctx: Context, policy: Policy, leg: Leg, repo: Repository, rec: _RunRecord) -> tuple[Any, list[manifest.Entry]]:
+    paths = policy.source.paths
+    manifest.check_source(paths)
+    repo.ensure_ready(create=getattr(ctx.cfg.location(leg.to), "init", False))  # type: ignore[arg-type]
+    with ctx.ui.task(f"{policy.name}/{leg.leg_name}: backup → {leg.to}") as task, ThreadPoolExecutor(1, thread_name_prefix="backup") as pool:
+        def progress(msg: dict[str, Any]) -> None:
+            task.update(completed=msg.get("bytes_done", 0), total=msg.get("total_bytes"))
+
+        backup = pool.submit(repo.backup, paths, policy=policy.name, leg=leg.leg_name, excludes=leg.exclude, progress=progress)
+        # While restic reads the source: hash a sample of files for the manifest (each
+        # is re-checked unchanged after the backup), and open the catalog to record the run.
+        sample = manifest.sample(paths, leg.verify.sample_files)
+        rec.start()
+        return backup.result(), sample
 
 
 def _point_row(p: RecoveryPoint) -> dict[str, Any]:
@@ -201,7 +233,7 @@ def _point_row(p: RecoveryPoint) -> dict[str, Any]:
 
 def inventory(ctx: Context, location: str | None = None) -> dict[str, dict[str, Any]]:
     """Read recovery points from the real systems and refresh the catalog cache."""
-    names = [location] if location else [n for n, loc in ctx.cfg.locations.items() if loc.type in ("restic",)]  # type: ignore[attr-defined]
+    names = [location] if location else [n for n, loc in ctx.cfg.locations.items() if getattr(loc, "type", None) in REPOSITORIES]
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         ctx.cfg.location(name)

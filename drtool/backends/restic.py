@@ -85,16 +85,23 @@ class ResticRepository:
         assert self._env is not None
         return self._password, self._env
 
-    def _run(self, args: list[str], *, parse: str | None = None, check: bool = True, **kw: Any) -> ex.CommandResult:
-        password, env = self._secrets()
+    @property
+    def local_path(self) -> str | None:
+        """The repository directory when it is a plain local path (no restic URL)."""
+        repo = self.loc.repository
+        return repo if repo.startswith("/") else None
+
+    def _run(self, args: list[str], *, parse: str | None = None, check: bool = True, retry_stale: bool = True,
+             env: dict[str, str] | None = None, **kw: Any) -> ex.CommandResult:
+        password, secret_env = self._secrets()
         argv = [restic_bin(), "--repo", self.loc.repository, *args]
         try:
             res = ex.run(
                 argv,
                 tool="restic",
                 secret_files={"RESTIC_PASSWORD_FILE": password},
-                secret_env=env,
-                env={"RESTIC_PROGRESS_FPS": "1"},
+                secret_env=secret_env,
+                env={"RESTIC_PROGRESS_FPS": "1", **(env or {})},
                 parse=parse,
                 check=False,
                 timeout=kw.pop("timeout", self.timeout),
@@ -107,6 +114,10 @@ class ResticRepository:
         if res.outcome is not ex.Outcome.OK:
             locked = next((ln for ln in res.stderr_lines if _LOCKED_RE.search(ln)), None)
             if res.outcome is ex.Outcome.LOCKED or locked:
+                # Optimistic locking: only when restic says "locked" do we look for
+                # stale locks, clear them, and try once more.
+                if retry_stale and self.clear_stale_locks():
+                    return self._run(args, parse=parse, check=check, retry_stale=False, env=env, **kw)
                 raise LockHeld(f"restic repository {self.name} is locked by a live process: {locked or res.stderr_tail(3)}")
             if check and any(_NOT_FOUND_RE.search(ln) for ln in res.stderr_lines):
                 raise BackendError(f"restic repository {self.loc.repository} (location {self.name}) does not exist: "
@@ -118,7 +129,9 @@ class ResticRepository:
     # -- Repository -------------------------------------------------------------
 
     def exists(self) -> bool:
-        res = self._run(["cat", "config", "--no-lock"], check=False)
+        if self.local_path:  # no restic call (and no key derivation) needed
+            return os.path.isfile(os.path.join(self.local_path, "config"))
+        res = self._run(["cat", "config", "--no-lock"], check=False, retry_stale=False)
         if res.ok:
             return True
         if _NOT_FOUND_RE.search(res.stderr_tail(5)):
@@ -132,17 +145,22 @@ class ResticRepository:
                     f"restic repository {self.loc.repository} (location {self.name}) does not exist: "
                     "create it with `restic init`, or set `init: true` on the location"
                 )
-            if "://" not in self.loc.repository and ":" not in self.loc.repository.split("/")[0]:
-                os.makedirs(os.path.dirname(self.loc.repository.rstrip("/")) or "/", exist_ok=True)
+            if self.local_path:
+                os.makedirs(os.path.dirname(self.local_path.rstrip("/")) or "/", exist_ok=True)
             log.info("initialising restic repository %s (location %s)", self.loc.repository, self.name)
             self._run(["init"])
-        self.clear_stale_locks()
+        if self.local_path:
+            # A local repository shows its locks as files: clear stale ones up front
+            # (a killed backup's lock would otherwise linger until an exclusive op).
+            locks = os.path.join(self.local_path, "locks")
+            if os.path.isdir(locks) and os.listdir(locks):
+                self.clear_stale_locks()
 
     def locks(self) -> list[dict[str, Any]]:
-        ids = self._run(["list", "locks", "--no-lock"]).stdout or ""
+        ids = self._run(["list", "locks", "--no-lock"], retry_stale=False).stdout or ""
         out = []
         for lock_id in ids.split():
-            res = self._run(["cat", "lock", lock_id, "--no-lock"], check=False, parse="json")
+            res = self._run(["cat", "lock", lock_id, "--no-lock"], check=False, parse="json", retry_stale=False)
             if res.ok and isinstance(res.parsed, dict):
                 out.append({"id": lock_id, **res.parsed})
         return out
@@ -159,14 +177,18 @@ class ResticRepository:
             if lk.get("hostname") == host and isinstance(lk.get("pid"), int) and not _pid_alive(lk["pid"])
         ]
         if stale:
-            self._run(["unlock"])
+            self._run(["unlock"], retry_stale=False)
             for lk in stale:
                 log.warning("removed stale restic lock %s on %s: PID %s on %s is dead (lock from %s)",
                             lk["id"][:8], self.name, lk.get("pid"), host, lk.get("time"))
         return stale
 
     def backup(self, paths: list[str], *, policy: str, leg: str, excludes: Iterable[str] = (), progress: ProgressFn | None = None) -> BackupResult:
-        args = ["backup", "--json", "--tag", OWNER_TAG, "--tag", policy_tag(policy), "--tag", leg_tag(leg)]
+        # drtool sets the snapshot time (what restic would use: the start of the backup)
+        # so that a local repository's new point is known without listing it again.
+        started = datetime.now(timezone.utc).replace(microsecond=0)
+        args = ["backup", "--json", "--time", started.strftime("%Y-%m-%d %H:%M:%S"),
+                "--tag", OWNER_TAG, "--tag", policy_tag(policy), "--tag", leg_tag(leg)]
         for pattern in excludes:
             args += ["--exclude", pattern]
         args += ["--", *paths]
@@ -189,7 +211,7 @@ class ResticRepository:
             elif kind == "status" and progress:
                 progress(msg)
 
-        res = self._run(args, on_stdout_line=on_line, check=False)
+        res = self._run(args, on_stdout_line=on_line, check=False, env={"TZ": "UTC"})  # --time is read in restic's local zone
         if res.outcome is ex.Outcome.PARTIAL:
             raise BackendError(
                 f"restic backup to {self.name} could not read all source files (exit 3); "
@@ -201,16 +223,33 @@ class ResticRepository:
         short = summary.get("snapshot_id")
         if not short:
             raise BackendError(f"restic backup to {self.name} exited 0 but reported no snapshot id: {res.stderr_tail(3)}")
-        points = [p for p in self.list_points(policy=policy, leg=leg) if p.id.startswith(short)]
-        if len(points) != 1:
-            raise BackendError(f"restic reported snapshot {short} but listing {self.name} found {len(points)} matching snapshots")
+        point = self._local_point(short, started, paths, policy, leg)
+        if point is None:
+            points = [p for p in self.list_points(policy=policy, leg=leg) if p.id.startswith(short)]
+            if len(points) != 1:
+                raise BackendError(f"restic reported snapshot {short} but listing {self.name} found {len(points)} matching snapshots")
+            point = points[0]
         return BackupResult(
-            point=points[0],
+            point=point,
             bytes_processed=summary.get("total_bytes_processed"),
             bytes_added=summary.get("data_added"),
             files=summary.get("total_files_processed"),
             warnings=errors,
         )
+
+    def _local_point(self, short: str, time: datetime, paths: list[str], policy: str, leg: str) -> RecoveryPoint | None:
+        """The new snapshot of a local repository, found by its file name (its full id)."""
+        if not self.local_path:
+            return None
+        try:
+            ids = [n for n in os.listdir(os.path.join(self.local_path, "snapshots")) if n.startswith(short)]
+        except OSError:
+            return None
+        if len(ids) != 1:
+            return None
+        tags = [OWNER_TAG, policy_tag(policy), leg_tag(leg)]
+        return RecoveryPoint(id=ids[0], time=time, location=self.name, policy=policy, leg=leg, paths=tuple(os.path.normpath(p) for p in paths),
+                             meta={"short_id": short, "hostname": socket.gethostname(), "tags": tags, "owned": True})
 
     def list_points(self, *, policy: str | None = None, leg: str | None = None, owned_only: bool = True) -> list[RecoveryPoint]:
         tags = [OWNER_TAG] if owned_only else []

@@ -9,7 +9,7 @@ from .models import (
     RunPhase,
     Verification,
 )
-from .paths import default_catalog_url, state_dir
+from ..paths import default_catalog_url, state_dir
 from .store import Catalog, levels_at_least
 
 __all__ = [

@@ -17,7 +17,6 @@ models exactly; ``tests/unit/test_catalog.py`` checks that with
 from __future__ import annotations
 
 import datetime as dt
-from enum import Enum
 from typing import Any
 
 from sqlalchemy import (
@@ -103,25 +102,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.timezone.utc)
 
 
-class RunPhase(str, Enum):
-    pending = "pending"
-    running = "running"
-    succeeded = "succeeded"
-    partially_failed = "partially_failed"
-    failed = "failed"
-    skipped = "skipped"
-
-    def __str__(self) -> str:  # "succeeded", not "RunPhase.succeeded"
-        return self.value
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_PHASES
-
-
-TERMINAL_PHASES = frozenset(
-    {RunPhase.succeeded, RunPhase.partially_failed, RunPhase.failed, RunPhase.skipped}
-)
+from ..phases import TERMINAL_PHASES, RunPhase  # noqa: E402  (re-exported)
 
 RUN_KINDS = frozenset({"leg", "verify", "prune", "drill-step", "restore"})
 

@@ -173,3 +173,13 @@ def test_wrong_password_is_a_clear_error(make_repo, source_tree, monkeypatch):
     other = ResticRepository("test-repo", repo.loc)
     with pytest.raises(ex.CommandError, match="wrong password"):
         other.list_points()
+
+
+def test_backup_point_matches_what_restic_lists(make_repo, source_tree):
+    """The point a local backup returns without re-listing equals restic's own listing."""
+    repo = make_repo()
+    repo.ensure_ready(create=True)
+    made = repo.backup([str(source_tree)], policy="p", leg="l").point
+    (listed,) = repo.list_points()
+    assert (made.id, made.time, made.policy, made.leg, made.paths) == (listed.id, listed.time, listed.policy, listed.leg, listed.paths)
+    assert made.meta["tags"] == listed.meta["tags"]

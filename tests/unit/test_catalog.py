@@ -415,3 +415,10 @@ def test_state_dir_default_uses_platformdirs(monkeypatch: pytest.MonkeyPatch) ->
     assert default_catalog_url().startswith("sqlite:///")
     monkeypatch.setenv("DRTOOL_STATE_DIR", "")  # empty counts as unset
     assert state_dir() == expected
+
+
+def test_head_revision_constant_matches_alembic():
+    """Catalog.open skips Alembic when the DB is at HEAD_REVISION: it must be the real head."""
+    from drtool.catalog.store import HEAD_REVISION
+
+    assert Catalog.head_revision() == HEAD_REVISION

@@ -1,0 +1,63 @@
+"""Backup-time manifests: source checks, reservoir sampling, change detection."""
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+
+import blake3
+import pytest
+
+from drtool import manifest
+from drtool.errors import SourceError
+
+
+def test_missing_and_empty_sources_are_errors(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        manifest.check_source([str(tmp_path / "nope")])
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(SourceError, match="contains no files"):
+        manifest.check_source([str(tmp_path / "empty")])
+    with pytest.raises(SourceError, match="names no source"):
+        manifest.check_source([])
+    (tmp_path / "empty" / "sub" / "f").write_text("x")
+    manifest.check_source([str(tmp_path / "empty")])
+
+
+def test_hash_matches_blake3_of_the_content(tmp_path):
+    data = os.urandom(3 * manifest.CHUNK + 17)
+    f = tmp_path / "f"
+    f.write_bytes(data)
+    assert manifest.hash_file(str(f)) == blake3.blake3(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert manifest.hash_file(str(tmp_path / "empty")) == blake3.blake3(b"").hexdigest()
+
+
+def test_sample_is_uniform_and_bounded(tmp_path):
+    for i in range(10):
+        (tmp_path / f"f{i}").write_text(str(i))
+    assert len(manifest.sample([str(tmp_path)], 20)) == 10
+    counts: Counter[str] = Counter()
+    rng = random.Random(3)
+    for _ in range(2000):
+        for e in manifest.sample([str(tmp_path)], 3, rng):
+            counts[os.path.basename(e.path)] += 1
+    # each file should be picked ~600 times (3/10 of 2000); a biased reservoir would not be
+    assert set(counts) == {f"f{i}" for i in range(10)}
+    assert all(480 < c < 720 for c in counts.values()), counts
+
+
+def test_symlinks_are_not_followed(tmp_path):
+    (tmp_path / "real").write_text("x")
+    (tmp_path / "link").symlink_to("/etc/passwd")
+    paths = [e.path for e in manifest.sample([str(tmp_path)], 10)]
+    assert paths == [str(tmp_path / "real")]
+
+
+def test_still_valid_drops_changed_files(tmp_path):
+    for i in range(3):
+        (tmp_path / f"f{i}").write_text(str(i))
+    entries = manifest.sample([str(tmp_path)], 3)
+    (tmp_path / "f1").write_text("changed, and longer")
+    os.remove(tmp_path / "f2")
+    assert [os.path.basename(e.path) for e in manifest.still_valid(entries)] == ["f0"]
