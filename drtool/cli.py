@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,7 +14,7 @@ import click
 from rich.console import Console
 
 from . import __version__
-from .errors import ConfigError, DrtoolError, ExitCode, LockHeld, exit_code_for
+from .errors import ConfigError, DrtoolError, ExitCode, exit_code_for
 from .secrets import MaskingFilter, mask
 
 log = logging.getLogger("drtool")
@@ -277,20 +278,15 @@ def prune_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run:
     ctx = st.ctx()
     results = []
     for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
-        try:
-            r = prune_leg(ctx, pol, leg, dry_run=dry_run)
-        except LockHeld as exc:
-            from .engine import PruneResult
-
-            r = PruneResult(pol.name, leg.leg_name, leg.to or "", None, dry_run, False, str(exc))
+        r = prune_leg(ctx, pol, leg, dry_run=dry_run)
         results.append(r)
         if not st.json:
-            _line("planned" if dry_run else ("succeeded" if r.ok else "failed"), f"{r.policy}/{r.leg}", r.message)
+            _line("skipped" if r.skipped else "planned" if dry_run else ("succeeded" if r.ok else "failed"), f"{r.policy}/{r.leg}", r.message)
             if r.plan:
                 for d in r.plan.decisions:
                     verb = "keep  " if d.keep else "REMOVE"
                     out_console.print(f"    {verb} {d.point_id[:12]} {d.time.isoformat()}  {', '.join(d.reasons)}", highlight=False)
-    code = _phase_exit(["succeeded" if r.ok else "failed" for r in results])
+    code = _phase_exit(["skipped" if r.skipped else "succeeded" if r.ok else "failed" for r in results])
     if st.json:
         _emit_json({"dry_run": dry_run, "prunes": [r.to_dict() for r in results], "exit_code": int(code)})
     raise Exit(code)
@@ -371,8 +367,11 @@ def run_cli(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     except Exit as e:
         return e.code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C/SIGTERM into Abort
+        from . import exec as ex
+
+        ex.terminate_all()
+        click.echo("drtool: interrupted", err=True)
         return 130
     except click.ClickException as e:
         e.show()
@@ -380,9 +379,6 @@ def run_cli(argv: list[str] | None = None) -> int:
     except DrtoolError as e:
         click.echo(f"drtool: {mask(str(e))}", err=True)
         return exit_code_for(e)
-    except KeyboardInterrupt:
-        click.echo("drtool: interrupted", err=True)
-        return 130
     except Exception as e:  # internal error
         click.echo(f"drtool: internal error: {mask(type(e).__name__ + ': ' + str(e))}" + ("" if debug else " (run with --debug for a traceback)"), err=True)
         if debug:
@@ -390,8 +386,15 @@ def run_cli(argv: list[str] | None = None) -> int:
         return ExitCode.FAILURE
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    # SIGTERM (systemd, Kubernetes, timeout) is handled like Ctrl-C: children are
+    # stopped, the run is recorded as interrupted, nothing is deleted.
+    signal.signal(signal.SIGTERM, _interrupt)
     code = int(run_cli(argv))
     # Everything is committed and flushed by now; skip the interpreter's module
     # teardown (SQLAlchemy's alone costs ~0.2 s, paid on every scheduled run).

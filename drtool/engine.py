@@ -193,6 +193,12 @@ def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) ->
     except Exception as exc:  # internal error: still record the run as failed
         rec.finish(RunPhase.failed, errors=[mask(f"internal error: {type(exc).__name__}: {exc}")], command_log=_commands(repo))
         raise
+    except BaseException:  # SIGINT/SIGTERM: stop restic (it removes its lock), record, re-raise
+        from . import exec as ex
+
+        ex.terminate_all()
+        rec.finish(RunPhase.failed, errors=["interrupted by a signal; nothing was deleted"], command_log=_commands(repo))
+        raise
     kept = manifest.still_valid(sample)
     warnings = list(out.warnings)
     if len(kept) < len(sample):
@@ -266,8 +272,9 @@ def verify_leg(ctx: Context, policy: Policy, leg: Leg, *, level: str | None = No
     repo = ctx.repo(leg.to)  # type: ignore[arg-type]
     point: RecoveryPoint | None = None
     try:
-        points = repo.list_points(policy=policy.name, leg=name)
-        ctx.catalog.upsert_points(leg.to, [_point_row(p) for p in repo.list_points()], now=ctx.now())  # type: ignore[arg-type]
+        listing = repo.list_points()
+        ctx.catalog.upsert_points(leg.to, [_point_row(p) for p in listing], now=ctx.now())  # type: ignore[arg-type]
+        points = [p for p in listing if p.policy == policy.name and p.leg == name]
         if not points:
             raise DrtoolError(f"no recovery point of {policy.name}/{name} exists in {leg.to}")
         point = points[-1]
@@ -371,6 +378,7 @@ class PruneResult:
     ok: bool
     message: str
     removed: list[str] = field(default_factory=list)
+    skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "plan"}
@@ -413,8 +421,7 @@ def prune_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool) -> Prune
             out.removed = ids
             out.ok, out.message = True, f"removed {len(ids)} of {len(points)} point(s)"
     except LockHeld as exc:
-        out.message = str(exc)
-        raise
+        out.ok, out.skipped, out.message = True, True, str(exc)
     except DrtoolError as exc:
         out.ok, out.message = False, str(exc)
     return out

@@ -125,6 +125,21 @@ class CommandResult:
         return {"argv": self.argv, "returncode": self.returncode, "duration_s": round(self.duration_s, 3)}
 
 
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
+
+
+def terminate_all() -> int:
+    """Kill the process group of every command still running (any thread). Called when
+    drtool is interrupted (SIGINT/SIGTERM) so that no child outlives the interruption;
+    restic, given SIGTERM first, removes its own lock."""
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        _kill_group(proc)
+    return len(procs)
+
+
 def _secret_values(secrets: Iterable[SecretStr | str]) -> tuple[str, ...]:
     out = []
     for s in secrets:
@@ -256,6 +271,8 @@ def run(
     finally:
         for fd in to_close:
             os.close(fd)
+    with _live_lock:
+        _live.add(proc)
 
     stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
     out_lines: list[str] = []
@@ -320,6 +337,8 @@ def run(
     finally:
         for t in threads:
             t.join(timeout=10)
+        with _live_lock:
+            _live.discard(proc)
     duration = time.monotonic() - start
 
     streamed = stdout is not None or on_stdout_line is not None or on_stdout_chunk is not None

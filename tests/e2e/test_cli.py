@@ -207,9 +207,13 @@ def test_prune_never_removes_the_last_verified_point(lab):
 def test_lock_held_is_exit_75(lab):
     from drtool.locks import leg_lock
 
+    lab.drtool("run", "--leg", "backup-repo-a", "--no-verify")
     with leg_lock(os.environ["DRTOOL_STATE_DIR"], "docs", "backup-repo-a"):
         proc = lab.drtool("run", "--leg", "backup-repo-a", check=75)
-    assert "already running" in proc.stdout
+        prune = lab.drtool("prune", "--leg", "backup-repo-a", check=75)
+    assert "already running" in proc.stdout and "skipped" in prune.stdout
+    runs = lab.json("runs", "--policy", "docs")["runs"]
+    assert runs[0]["phase"] == "skipped"
 
 
 def test_partial_exit_code_when_one_leg_fails(lab):
@@ -240,3 +244,25 @@ def test_dry_run_changes_nothing(lab):
     proc = lab.drtool("run", "--dry-run")
     assert "would back up" in proc.stdout
     assert not lab.repo_a.exists() and not lab.repo_b.exists()
+
+
+def test_sigterm_mid_backup_stops_restic_and_records_the_interruption(lab):
+    (lab.source / "big.bin").write_bytes(os.urandom(200 * 1024 * 1024))
+    proc = subprocess.Popen([DRTOOL, "-c", str(lab.config), "run", "--leg", "backup-repo-a", "--no-verify"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    locks = lab.repo_a / "locks"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (locks.is_dir() and any(locks.iterdir())):
+        time.sleep(0.02)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the backup finished before it could be interrupted"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 130 and "interrupted" in err
+    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+    assert str(lab.repo_a) not in ps, "restic outlived the interrupted drtool"
+    runs = lab.json("runs", "--policy", "docs")["runs"]
+    assert runs[0]["phase"] == "failed" and "interrupted by a signal" in runs[0]["errors"][0]
+    assert lab.json("run", "--leg", "backup-repo-a", "--no-verify")["results"][0]["phase"] == "succeeded"
