@@ -214,7 +214,8 @@ def _select_legs(cfg: Any, policy_name: str | None, leg_name: str | None) -> lis
 @pass_state
 def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool, no_verify: bool) -> None:
     """Run policy legs now, then the verifications that are due."""
-    from .engine import run_leg, verify_due, verify_leg
+    from .engine import run_leg
+    from .verify import verify_due, verify_leg
 
     ctx = st.ctx()
     results, verifications = [], []
@@ -248,7 +249,7 @@ def _line(phase: str, what: str, message: str) -> None:
 @pass_state
 def verify_cmd(st: State, policy_name: str | None, leg_name: str | None, level: str | None) -> None:
     """Prove copies are restorable, at the declared (or given) depth."""
-    from .engine import verify_leg
+    from .verify import verify_leg
 
     ctx = st.ctx()
     results = []
@@ -273,7 +274,7 @@ def verify_cmd(st: State, policy_name: str | None, leg_name: str | None, level: 
 @pass_state
 def prune_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool) -> None:
     """Apply retention: only to points drtool made, never the newest or last verified."""
-    from .engine import prune_leg
+    from .prune import prune_leg
 
     ctx = st.ctx()
     results = []
@@ -290,6 +291,34 @@ def prune_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run:
     if st.json:
         _emit_json({"dry_run": dry_run, "prunes": [r.to_dict() for r in results], "exit_code": int(code)})
     raise Exit(code)
+
+
+@cli.command("restore")
+@click.option("--policy", "policy_name", required=True, help="The policy whose data to restore.")
+@click.option("--leg", "leg_name", help="Which copy (leg) to restore from; optional when the policy has one backup leg.")
+@click.option("--point", "selector", default="latest", show_default=True, help="latest, latest-verified, or a snapshot id (prefix).")
+@click.option("--target", required=True, type=click.Path(file_okay=False), help="An empty directory to restore into.")
+@click.option("--include", multiple=True, help="Restore only this absolute path (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Show which point would be restored where; change nothing.")
+@click.option("--force", is_flag=True, help="Restore into a non-empty target (files there may be overwritten).")
+@json_option
+@pass_state
+def restore_cmd(st: State, policy_name: str, leg_name: str | None, selector: str, target: str, include: tuple[str, ...], dry_run: bool, force: bool) -> None:
+    """Restore a recovery point into a directory, then check it against backup-time hashes."""
+    from .restore import restore_point
+
+    ctx = st.ctx()
+    pol = ctx.cfg.policy(policy_name)
+    legs = [leg for leg in pol.legs if leg.kind == "backup" and (leg_name is None or leg.leg_name == leg_name)]
+    if len(legs) != 1:
+        names = ", ".join(leg.leg_name for leg in pol.legs if leg.kind == "backup")
+        raise ConfigError(f"choose the copy to restore from with --leg (one of: {names})" if not leg_name else f"no backup leg named {leg_name!r} (known: {names})")
+    r = restore_point(ctx, pol, legs[0], selector=selector, target=target, include=include, dry_run=dry_run, force=force)
+    if st.json:
+        _emit_json(r.to_dict())
+    else:
+        _line("planned" if dry_run else "succeeded" if r.ok else "failed", f"{r.policy}/{r.leg}", r.message)
+    raise Exit(ExitCode.OK if r.ok else ExitCode.FAILURE)
 
 
 # ------------------------------------------------------------------ inventory / status

@@ -266,3 +266,33 @@ def test_sigterm_mid_backup_stops_restic_and_records_the_interruption(lab):
     runs = lab.json("runs", "--policy", "docs")["runs"]
     assert runs[0]["phase"] == "failed" and "interrupted by a signal" in runs[0]["errors"][0]
     assert lab.json("run", "--leg", "backup-repo-a", "--no-verify")["results"][0]["phase"] == "succeeded"
+
+
+def _digest(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_restore_latest_and_by_id_with_proof(lab):
+    first = lab.json("run", "--leg", "backup-repo-a", "--no-verify")["results"][0]["point"]
+    original = _digest(lab.source)
+    (lab.source / "d0" / "f0.bin").write_bytes(b"changed after the first backup")
+    lab.drtool("run", "--leg", "backup-repo-a", "--no-verify")
+
+    plan = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--point", first[:10], "--target", str(lab.root / "r1"), "--dry-run")
+    assert plan["point"] == first and not (lab.root / "r1").exists()
+    doc = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--point", first[:10], "--target", str(lab.root / "r1"))
+    assert doc["ok"] and doc["checked"] == 8 and doc["mismatches"] == []
+    assert _digest(lab.root / "r1" / str(lab.source).lstrip("/")) == original
+
+    # a non-empty target is refused without --force; one leg must be chosen
+    proc = lab.drtool("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r1"), check=2)
+    assert "is not empty" in proc.stderr
+    proc = lab.drtool("restore", "--policy", "docs", "--target", str(lab.root / "r2"), check=2)
+    assert "choose the copy to restore from with --leg" in proc.stderr
+
+    one = str(lab.source / "d0" / "f0.bin")
+    doc = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r3"), "--include", one)
+    restored = [p for p in (lab.root / "r3").rglob("*") if p.is_file()]
+    assert [p.read_bytes() for p in restored] == [b"changed after the first backup"]
+    runs = lab.json("runs", "--policy", "docs")["runs"]
+    assert [r["kind"] for r in runs[:2]] == ["restore", "restore"] and all(r["phase"] == "succeeded" for r in runs[:2])

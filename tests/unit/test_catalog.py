@@ -1,4 +1,10 @@
-"""Unit tests for drtool.catalog (SQLite in a temp dir)."""
+"""Unit tests for drtool.catalog.
+
+Tests taking the ``db_url``/``cat`` fixtures run twice: on SQLite (a file in a
+temp dir) and on a real PostgreSQL server (a fresh database per test on the
+session's throwaway server, see tests/services/postgres.py).  Tests about
+SQLite specifics (in-memory URLs, the state-dir default URL) stay SQLite-only.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Integer, MetaData, String, inspect
+from sqlalchemy import Column, Integer, MetaData, String, create_engine, inspect
 
 from drtool.catalog import (
     Catalog,
@@ -34,14 +40,30 @@ def at(minutes: float) -> dt.datetime:
     return T0 + dt.timedelta(minutes=minutes)
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'state' / 'catalog.sqlite3'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty catalog database: a SQLite file path, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state' / 'catalog.sqlite3'}"
+        return
+    import time; t=time.monotonic()
+    server = request.getfixturevalue("postgres_server")
+    t1=time.monotonic()
+    url = server.create_database()
+    print(f"\nPROBE server {t1-t:.3f} create {time.monotonic()-t1:.3f}")
+    yield url
+    server.drop_database(url)
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
 
 
 @pytest.fixture
 def cat(db_url: str):
+    import time; t=time.monotonic()
     c = Catalog.open(db_url)
+    print(f"PROBE open {time.monotonic()-t:.3f}")
     yield c
     c.close()
 
@@ -52,10 +74,15 @@ def cat(db_url: str):
 
 def test_open_creates_schema_and_is_idempotent(tmp_path: Path, db_url: str) -> None:
     db_file = tmp_path / "state" / "catalog.sqlite3"
-    assert not db_file.parent.exists()
+    if _is_sqlite(db_url):
+        assert not db_file.parent.exists()
+    else:  # PostgreSQL: the database exists but is empty
+        with Catalog(create_engine(db_url)) as empty:
+            assert inspect(empty.engine).get_table_names() == []
     c1 = Catalog.open(db_url)
     try:
-        assert db_file.exists()
+        if _is_sqlite(db_url):
+            assert db_file.exists()
         assert c1.current_revision() == Catalog.head_revision() == "0001"
         r = c1.start_run("leg", policy="p", leg="l", now=T0)
     finally:
@@ -70,8 +97,9 @@ def test_open_creates_schema_and_is_idempotent(tmp_path: Path, db_url: str) -> N
     finally:
         c2.close()
 
-    with sqlite3.connect(db_file) as raw:
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if _is_sqlite(db_url):
+        with sqlite3.connect(db_file) as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_migration_matches_models(cat: Catalog) -> None:
@@ -205,7 +233,10 @@ def test_runs_listing_and_last_run(cat: Catalog) -> None:
 
 
 def test_concurrent_writers_same_file(db_url: str) -> None:
-    """Several catalogs (own engines) open/migrate and write one file at once."""
+    """Several catalogs (own engines) open/migrate and write one file at once.
+
+    On PostgreSQL the same: one fresh database, so the openers race to migrate
+    it (serialized by the advisory lock in ``Catalog.upgrade``)."""
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 

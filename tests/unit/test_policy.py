@@ -72,7 +72,7 @@ def test_every_error_at_once_with_line_path_and_fix(tmp_path):
     assert f"p.yaml:{line_of('immutible')}: locations.repo-a.immutible: unknown field 'immutible' (did you mean 'immutable'?)" in text
     assert f"p.yaml:{line_of('rpo:')}: policies[0].rpo:" in text and "duration like '24h'" in text
     assert f"p.yaml:{line_of('schedule')}: policies[0].legs[0].schedule:" in text and "cron" in text
-    assert f"policies[0].legs[0].retention.keep_dayly: unknown field 'keep_dayly' (did you mean 'keep_daily'?)" in text
+    assert "policies[0].legs[0].retention.keep_dayly: unknown field 'keep_dayly' (did you mean 'keep_daily'?)" in text
     assert f"p.yaml:{line_of('repo-c')}: policies[0].legs[0].to: unknown location 'repo-c' (did you mean 'repo-a'?)" in text
     assert len(errs) == 5, text
 
