@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -28,10 +29,54 @@ def require(tool: str) -> str:
     path = shutil.which(tool)
     if path:
         return path
+    missing(tool)
+
+
+def missing(tool: str, why: str = "") -> NoReturn:
+    """``require``'s verdict on a missing tool: fail under DRTOOL_TEST_REQUIRE, else skip."""
+    why = f" ({why})" if why else ""
     wanted = os.environ.get("DRTOOL_TEST_REQUIRE", "")
     if wanted == "all" or tool in wanted.split(","):
-        pytest.fail(f"required tool {tool!r} is missing (DRTOOL_TEST_REQUIRE={wanted}); run scripts/install-deps.sh")
-    pytest.skip(f"{tool} not installed (set DRTOOL_TEST_REQUIRE=all to make this a failure)")
+        pytest.fail(f"required tool {tool!r} is missing{why} (DRTOOL_TEST_REQUIRE={wanted}); run scripts/install-deps.sh")
+    pytest.skip(f"{tool} not installed{why} (set DRTOOL_TEST_REQUIRE=all to make this a failure)")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the whole session (tests/services/postgres.py).
+
+    Use ``postgres_server.create_database()`` for a fresh database per test; it
+    returns the SQLAlchemy URL (``postgresql+psycopg://postgres@127.0.0.1:PORT/DB``).
+    """
+    from services.postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as e:
+        missing("postgresql", str(e))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def zfs():
+    """The session's zfs-fuse daemon (tests/services/zfs.py): ``zfs.make_pool(prefix)``
+    gives a fresh uniquely named pool mounted under ``zfs.mountpoint(pool)``; all are
+    destroyed at session end. Skips on a laptop without zfs-fuse, fails under
+    DRTOOL_TEST_REQUIRE=all."""
+    from services.zfs import ZfsFuse, ZfsUnavailable
+
+    try:
+        helper = ZfsFuse().start()
+    except ZfsUnavailable as e:
+        missing("zfs-fuse", str(e))
+    try:
+        yield helper
+    finally:
+        helper.stop()
 
 
 @pytest.fixture(autouse=True)

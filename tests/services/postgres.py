@@ -6,9 +6,10 @@ temp dir), waits until psycopg can connect, and ``stop()`` shuts it down with
 ``pg_ctl stop -m fast`` and removes the temp dir.  As root (initdb refuses to
 run as root) every server command runs as user ``postgres`` via ``runuser``.
 
-The server is tuned for tests, not durability (fsync off): start it once per
-test session and hand out a fresh database per test with
-:meth:`PostgresServer.create_database`.
+The server is tuned for tests, not durability (fsync off, cluster on tmpfs
+``/dev/shm`` when there is one: CREATE DATABASE drops from ~0.1-0.4 s on disk
+to ~0.02 s): start it once per test session and hand out a fresh database per
+test with :meth:`PostgresServer.create_database`.
 """
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def find_bindir() -> Path | None:
     for cand in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major, reverse=True):
         if all(os.access(Path(cand) / exe, os.X_OK) for exe in ("initdb", "pg_ctl", "postgres")):
             return Path(cand)
+    return None
+
+
+def _scratch_parent() -> str | None:
+    """Where the cluster's temp dir goes: tmpfs ``/dev/shm`` if usable, else the default."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
     return None
 
 
@@ -114,7 +123,7 @@ class PostgresServer:
     # -- lifecycle ----------------------------------------------------------- #
 
     def start(self) -> PostgresServer:
-        self.root = Path(tempfile.mkdtemp(prefix="drtool-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="drtool-pg-", dir=_scratch_parent()))
         atexit.register(self.stop)
         try:
             if self._as_root:
@@ -126,11 +135,10 @@ class PostgresServer:
                 cwd=self.root, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                 check=True, timeout=120,
             )
-            for attempt in range(3):  # the free port can be taken before postgres binds it
+            for _ in range(3):  # the free port can be taken before postgres binds it
                 if self._launch():
                     return self
-                if attempt < 2 and "could not bind" not in self.log_tail(50) \
-                        and "could not create any TCP/IP sockets" not in self.log_tail(50):
+                if "could not bind" not in self.log_tail(20):
                     break
             raise RuntimeError(f"PostgreSQL did not become ready on 127.0.0.1:{self.port}\n{self.log_tail()}")
         except subprocess.CalledProcessError as e:
@@ -234,7 +242,10 @@ class PostgresServer:
         """Create an empty database (random name by default); return its SQLAlchemy URL."""
         name = name or f"t_{uuid.uuid4().hex[:16]}"
         with self.connect() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            # FILE_COPY (PostgreSQL 15+) copies template1's files instead of
+            # WAL-logging every block: faster for a tiny template without fsync.
+            strategy = " STRATEGY FILE_COPY" if conn.info.server_version >= 150000 else ""
+            conn.execute(f'CREATE DATABASE "{name}"{strategy}')
         return self.url(name)
 
     def drop_database(self, name_or_url: str) -> None:

@@ -46,11 +46,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'state' / 'catalog.sqlite3'}"
         return
-    import time; t=time.monotonic()
     server = request.getfixturevalue("postgres_server")
-    t1=time.monotonic()
     url = server.create_database()
-    print(f"\nPROBE server {t1-t:.3f} create {time.monotonic()-t1:.3f}")
     yield url
     server.drop_database(url)
 
@@ -61,9 +58,7 @@ def _is_sqlite(url: str) -> bool:
 
 @pytest.fixture
 def cat(db_url: str):
-    import time; t=time.monotonic()
     c = Catalog.open(db_url)
-    print(f"PROBE open {time.monotonic()-t:.3f}")
     yield c
     c.close()
 
