@@ -11,15 +11,30 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.console import Console
 
 from . import __version__
 from .errors import ConfigError, DrtoolError, ExitCode, exit_code_for
 from .secrets import MaskingFilter, mask
 
 log = logging.getLogger("drtool")
-out_console = Console(soft_wrap=True)  # stdout: human output; long lines are not cut
-err_console = Console(stderr=True)
+
+
+class _LazyConsole:
+    """A rich Console created on first use: --json runs never pay for importing rich."""
+
+    def __init__(self, **kw: Any) -> None:
+        self._kw, self._console = kw, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kw)
+        return getattr(self._console, name)
+
+
+out_console: Any = _LazyConsole(soft_wrap=True)  # stdout: human output; long lines are not cut
+err_console: Any = _LazyConsole(stderr=True)
 
 
 class Exit(Exception):
@@ -65,7 +80,7 @@ class State:
 
             sd = Path(state_dir())
             sd.mkdir(parents=True, exist_ok=True)
-            self._ctx = Context(cfg=self.cfg(), state_dir=sd, ui=UI(err_console))
+            self._ctx = Context(cfg=self.cfg(), state_dir=sd, ui=UI(enabled=sys.stderr.isatty()))
         return self._ctx
 
 

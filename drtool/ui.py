@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
 
 class _NullTask:
@@ -15,7 +13,7 @@ class _NullTask:
 
 
 class _Task:
-    def __init__(self, progress: Progress, task_id: Any) -> None:
+    def __init__(self, progress: Any, task_id: Any) -> None:
         self._p, self._id = progress, task_id
 
     def update(self, *, completed: float | None = None, total: float | None = None, description: str | None = None) -> None:
@@ -30,15 +28,24 @@ class _Task:
 
 
 class UI:
-    def __init__(self, console: Console | None = None, *, enabled: bool | None = None) -> None:
-        self.console = console or Console(stderr=True)
-        self.enabled = self.console.is_terminal if enabled is None else enabled
+    """rich is imported only when progress is shown (a TTY): unattended runs skip it."""
+
+    def __init__(self, console: Any = None, *, enabled: bool | None = None) -> None:
+        self.console = console
+        if enabled is None:
+            enabled = console is not None and console.is_terminal
+        self.enabled = enabled
 
     @contextlib.contextmanager
     def task(self, description: str, total: float | None = None) -> Iterator[Any]:
         if not self.enabled:
             yield _NullTask()
             return
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+        if self.console is None:
+            self.console = Console(stderr=True)
         progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
             console=self.console, transient=True,

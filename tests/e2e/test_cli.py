@@ -296,3 +296,26 @@ def test_restore_latest_and_by_id_with_proof(lab):
     assert [p.read_bytes() for p in restored] == [b"changed after the first backup"]
     runs = lab.json("runs", "--policy", "docs")["runs"]
     assert [r["kind"] for r in runs[:2]] == ["restore", "restore"] and all(r["phase"] == "succeeded" for r in runs[:2])
+
+
+def test_progress_on_a_terminal(lab):
+    """On a TTY drtool draws rich progress; the code path must work, not only the --json one."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([DRTOOL, "-c", str(lab.config), "run", "--leg", "backup-repo-a"], stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "succeeded" in text and "backup → repo-a" in text and "internal error" not in text
