@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import manifest
-from .backends import REPOSITORIES, repository_for
+from .backends import repository_for
 from .backends.base import RecoveryPoint, Repository
-from .errors import DrtoolError, LockHeld, SourceError
+from .errors import DrtoolError, LockHeld
 from .locks import leg_lock
 from .phases import RunPhase
 from .policy.loader import Config
@@ -86,7 +84,7 @@ class LegResult:
         return dict(self.__dict__)
 
 
-def _commands(repo: Repository) -> list[dict[str, Any]]:
+def _commands(repo: Any) -> list[dict[str, Any]]:
     cmds = getattr(repo, "commands", None)
     if cmds is None:
         return []
@@ -140,72 +138,47 @@ class _RunRecord:
 
 
 def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) -> LegResult:
+    from .legs import driver_for
+
     name = leg.leg_name
     res = LegResult(policy.name, name, leg.kind, leg.to, "pending", "", dry_run=dry_run)
-    if leg.kind != "backup":
-        res.phase, res.message = RunPhase.failed.value, f"{leg.kind} legs are not implemented in this drtool version"
-        return res
-    paths = policy.source.paths
-    if dry_run:
-        try:
-            manifest.check_source(paths)
-            res.phase = "planned"
-            res.message = f"would back up {', '.join(paths)} to {leg.to} ({ctx.cfg.location(leg.to).repository})"  # type: ignore[arg-type,attr-defined]
-        except SourceError as exc:
-            res.phase, res.message = RunPhase.failed.value, str(exc)
+    try:
+        driver = driver_for(ctx, policy, leg)
+        if dry_run:
+            res.phase, res.message = "planned", driver.describe()
+            return res
+    except DrtoolError as exc:
+        res.phase, res.message = RunPhase.failed.value, str(exc)
         return res
 
     started = ctx.now()
     rec = _RunRecord(ctx, "leg", policy, leg, started)
-    repo = ctx.repo(leg.to)  # type: ignore[arg-type]
     try:
         with leg_lock(ctx.state_dir, policy.name, name):
-            out, sample = _backup(ctx, policy, leg, repo, rec)
-    except LockHeld as exc:  # our leg lock, or restic's held by a live process
-        rec.finish(RunPhase.skipped, warnings=[str(exc)], command_log=_commands(repo))
+            out = driver.run(rec)
+    except LockHeld as exc:  # our leg lock, or the backend's held by a live process
+        rec.finish(RunPhase.skipped, warnings=[str(exc)], command_log=driver.commands())
         res.phase, res.message = RunPhase.skipped.value, str(exc)
         return res
     except DrtoolError as exc:
-        rec.finish(RunPhase.failed, errors=[str(exc)], command_log=_commands(repo))
+        rec.finish(RunPhase.failed, errors=[str(exc)], command_log=driver.commands())
         res.phase, res.message = RunPhase.failed.value, str(exc)
         return res
     except Exception as exc:  # internal error: still record the run as failed
-        rec.finish(RunPhase.failed, errors=[mask(f"internal error: {type(exc).__name__}: {exc}")], command_log=_commands(repo))
+        rec.finish(RunPhase.failed, errors=[mask(f"internal error: {type(exc).__name__}: {exc}")], command_log=driver.commands())
         raise
-    except BaseException:  # SIGINT/SIGTERM: stop restic (it removes its lock), record, re-raise
+    except BaseException:  # SIGINT/SIGTERM: stop the children (restic removes its lock), record, re-raise
         from . import exec as ex
 
         ex.terminate_all()
-        rec.finish(RunPhase.failed, errors=["interrupted by a signal; nothing was deleted"], command_log=_commands(repo))
+        rec.finish(RunPhase.failed, errors=["interrupted by a signal; nothing was deleted"], command_log=driver.commands())
         raise
-    kept = manifest.still_valid(sample)
-    warnings = list(out.warnings)
-    if len(kept) < len(sample):
-        warnings.append(f"{len(sample) - len(kept)} sampled file(s) changed during the backup and were left out of the manifest")
-    detail = {"paths": paths, "files": out.files, "bytes_added": out.bytes_added, "manifest": [e.to_dict() for e in kept]}
-    rec.finish(RunPhase.succeeded, bytes_processed=out.bytes_processed, recovery_point=out.point.id, warnings=warnings,
-               command_log=_commands(repo), detail=detail)
+    rec.finish(RunPhase.succeeded, bytes_processed=out.bytes_processed, recovery_point=out.point.id, warnings=out.warnings,
+               command_log=driver.commands(), detail=out.detail)
     res.phase = RunPhase.succeeded.value
-    res.point, res.bytes_processed, res.warnings = out.point.id, out.bytes_processed, warnings
-    res.message = f"snapshot {out.point.id[:8]} of {out.files} files, {out.bytes_processed} bytes ({out.bytes_added} new)"
+    res.point, res.bytes_processed, res.warnings, res.message = out.point.id, out.bytes_processed, out.warnings, out.message
     res.duration_s = (ctx.now() - started).total_seconds()
     return res
-
-
-def _backup(ctx: Context, policy: Policy, leg: Leg, repo: Repository, rec: _RunRecord) -> tuple[Any, list[manifest.Entry]]:
-    paths = policy.source.paths
-    manifest.check_source(paths)
-    repo.ensure_ready(create=getattr(ctx.cfg.location(leg.to), "init", False))  # type: ignore[arg-type]
-    with ctx.ui.task(f"{policy.name}/{leg.leg_name}: backup → {leg.to}") as task, ThreadPoolExecutor(1, thread_name_prefix="backup") as pool:
-        def progress(msg: dict[str, Any]) -> None:
-            task.update(completed=msg.get("bytes_done", 0), total=msg.get("total_bytes"))
-
-        backup = pool.submit(repo.backup, paths, policy=policy.name, leg=leg.leg_name, excludes=leg.exclude, progress=progress)
-        # While restic reads the source: hash a sample of files for the manifest (each
-        # is re-checked unchanged after the backup), and open the catalog to record the run.
-        sample = manifest.sample(paths, leg.verify.sample_files)
-        rec.start()
-        return backup.result(), sample
 
 
 def _point_row(p: RecoveryPoint) -> dict[str, Any]:
@@ -217,14 +190,23 @@ def _point_row(p: RecoveryPoint) -> dict[str, Any]:
 
 
 def inventory(ctx: Context, location: str | None = None) -> dict[str, dict[str, Any]]:
-    """Read recovery points from the real systems and refresh the catalog cache."""
-    names = [location] if location else [n for n, loc in ctx.cfg.locations.items() if getattr(loc, "type", None) in REPOSITORIES]
+    """Read recovery points from the real systems and refresh the catalog cache.
+
+    A location is listed through the legs that keep points there."""
+    from .legs import driver_for, supported
+
+    drivers: dict[str, Any] = {}
+    for pol in ctx.cfg.policies.values():
+        for leg in pol.legs:
+            where = leg.to or pol.source.location
+            if (location is None or where == location) and where not in drivers and supported(ctx, pol, leg):
+                drivers[where] = driver_for(ctx, pol, leg)
+    if location is not None:
+        ctx.cfg.location(location)  # unknown names are a usage error
     out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        ctx.cfg.location(name)
+    for name, driver in drivers.items():
         try:
-            repo = ctx.repo(name)
-            points = repo.list_points()
+            points = driver.location_points()
             ctx.catalog.upsert_points(name, [_point_row(p) for p in points], now=ctx.now())
             out[name] = {"points": points, "error": None}
         except DrtoolError as exc:

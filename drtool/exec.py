@@ -339,6 +339,15 @@ def run(
             t.join(timeout=10)
         with _live_lock:
             _live.discard(proc)
+        # Close our pipe ends now: an exception's traceback can keep this frame (and
+        # so the pipes) alive, and a writer blocked on an unread pipe (zfs-fuse's
+        # send thread) would hold its dataset busy until garbage collection.
+        for pipe in (proc.stdout, proc.stderr, proc.stdin):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
     duration = time.monotonic() - start
 
     streamed = stdout is not None or on_stdout_line is not None or on_stdout_chunk is not None

@@ -1,11 +1,15 @@
-"""Prune: apply a leg's retention through the one planner, to drtool's own points only."""
+"""Prune: apply a leg's retention through the one planner, to drtool's own points only.
+
+Pinned, whatever the rules say: the newest point, the last verified point, and
+whatever the backend pins (held snapshots, replication bases).
+"""
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Context, _commands
+from .engine import Context
 from .errors import DrtoolError, LockHeld
 from .locks import leg_lock
 from .phases import RunPhase
@@ -32,36 +36,33 @@ class PruneResult:
 
 
 def prune_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool) -> PruneResult:
+    from .legs import driver_for
+
     name = leg.leg_name
     out = PruneResult(policy.name, name, leg.to or policy.source.location, None, dry_run, False, "")
-    if leg.kind != "backup":
-        out.ok, out.message = True, f"{leg.kind} legs have nothing to prune in this drtool version"
-        return out
-    repo = ctx.repo(leg.to)  # type: ignore[arg-type]
     now = ctx.now()
     try:
+        driver = driver_for(ctx, policy, leg)
         with (nullcontext() if dry_run else leg_lock(ctx.state_dir, policy.name, name)):
-            # only points drtool made for this policy and leg are ever candidates
-            points = [p for p in repo.list_points(policy=policy.name, leg=name) if p.meta.get("owned", True)]
-            pins: dict[str, str] = {}
-            verified = ctx.catalog.last_successful_verified_point(leg.to, policy=policy.name)  # type: ignore[arg-type]
+            points = driver.points()  # only points drtool made for this policy and leg
+            pins = driver.pins(points)
+            verified = ctx.catalog.last_successful_verified_point(driver.location, policy=policy.name)
             if verified:
-                pins[verified] = "last verified point"
-            rules = RetentionRules(**leg.retention.model_dump())
-            plan = plan_prune(points, rules, pins, now)
+                pins.setdefault(verified, "last verified point")
+            plan = plan_prune(points, RetentionRules(**leg.retention.model_dump()), pins, now)
             out.plan = plan
             ids = [d.point_id for d in plan.remove]
             if dry_run:
                 out.ok, out.message = True, f"would remove {len(ids)} of {len(points)} point(s)"
                 return out
-            run = ctx.catalog.start_run("prune", policy=policy.name, leg=name, leg_kind=leg.kind, location=leg.to, now=now)
+            run = ctx.catalog.start_run("prune", policy=policy.name, leg=name, leg_kind=leg.kind, location=driver.location, now=now)
             try:
                 if ids:
-                    with ctx.ui.task(f"{policy.name}/{name}: forget {len(ids)} point(s) in {leg.to}"):
-                        repo.forget(ids)
-                ctx.catalog.finish_run(run, RunPhase.succeeded, now=ctx.now(), command_log=_commands(repo), detail={"plan": plan.to_dict()})
+                    with ctx.ui.task(f"{policy.name}/{name}: remove {len(ids)} point(s) from {driver.location}"):
+                        driver.delete(ids)
+                ctx.catalog.finish_run(run, RunPhase.succeeded, now=ctx.now(), command_log=driver.commands(), detail={"plan": plan.to_dict()})
             except DrtoolError as exc:
-                ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=_commands(repo), detail={"plan": plan.to_dict()})
+                ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=driver.commands(), detail={"plan": plan.to_dict()})
                 raise
             out.removed = ids
             out.ok, out.message = True, f"removed {len(ids)} of {len(points)} point(s)"

@@ -14,6 +14,7 @@ from typing import Any
 from . import manifest
 from .backends.base import RecoveryPoint
 from .engine import Context, _commands
+from .legs.restic_backup import manifest_of
 from .errors import DrtoolError, UsageError
 from .phases import RunPhase
 from .policy.models import Leg, Policy
@@ -39,7 +40,9 @@ class RestoreResult:
 
 def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> RecoveryPoint:
     """``latest``, ``latest-verified``, or a snapshot id / unique id prefix."""
-    points = ctx.repo(leg.to).list_points(policy=policy.name, leg=leg.leg_name)  # type: ignore[arg-type]
+    from .legs import driver_for
+
+    points = driver_for(ctx, policy, leg).points()
     if not points:
         raise DrtoolError(f"no recovery point of {policy.name}/{leg.leg_name} exists in {leg.to}")
     if selector == "latest":
@@ -78,7 +81,7 @@ def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, targ
         with ctx.ui.task(f"restore {point.id[:8]} → {tgt}"):
             repo.restore(point.id, str(tgt), include=include)
         res.duration_s = round(time.monotonic() - t0, 3)
-        entries = _manifest_of(ctx, policy, leg, point.id)
+        entries = manifest_of(ctx, policy.name, leg.leg_name, point.id)
         for e in entries:
             if include and not any(e["path"] == i or e["path"].startswith(i.rstrip("/") + "/") for i in include):
                 continue
@@ -99,12 +102,3 @@ def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, targ
         ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=_commands(repo))
         raise
     return res
-
-
-def _manifest_of(ctx: Context, policy: Policy, leg: Leg, point_id: str) -> list[dict[str, Any]]:
-    for run in ctx.catalog.runs(policy=policy.name, kind="leg", limit=500, leg=leg.leg_name):
-        if run.recovery_point == point_id and run.phase == RunPhase.succeeded.value:
-            return list((run.detail or {}).get("manifest") or [])
-    return []
-
-

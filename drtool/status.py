@@ -3,24 +3,26 @@ from __future__ import annotations
 
 from .engine import Context
 from .errors import DrtoolError
+from .legs import driver_for, supported
 from .policy.rules import Assessment, LegHealth, assess
 
 
 def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment]:
     now = ctx.now()
-    listings: dict[str, tuple[list, str | None]] = {}
+    listings: dict[str, tuple[list, str | None]] = {}  # one listing per location
     out = []
     for pol in ctx.cfg.select(policy):
         health: dict[str, LegHealth] = {}
         for leg in pol.legs:
-            if leg.to is None or leg.kind != "backup":
+            if not supported(ctx, pol, leg):
                 continue
-            if leg.to not in listings:
+            driver = driver_for(ctx, pol, leg)
+            if driver.location not in listings:
                 try:
-                    listings[leg.to] = (ctx.repo(leg.to).list_points(), None)
+                    listings[driver.location] = (driver.location_points(), None)
                 except DrtoolError as exc:
-                    listings[leg.to] = ([], str(exc))
-            points, error = listings[leg.to]
+                    listings[driver.location] = ([], str(exc))
+            points, error = listings[driver.location]
             mine = [p for p in points if p.policy == pol.name and p.leg == leg.leg_name]
             last = ctx.catalog.last_verification(pol.name, leg.leg_name, level_at_least=leg.verify.level)
             latest = ctx.catalog.last_verification(pol.name, leg.leg_name)  # any level, any outcome

@@ -14,7 +14,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
 from ..errors import ConfigError
-from .models import LEG_SOURCE_TYPES, LEG_TARGET_TYPES, LocationBase, Policy, PolicyFile
+from .models import LEG_KINDS, LocationBase, Policy, PolicyFile
 
 DEFAULT_CONFIG = "./policies"
 
@@ -189,6 +189,20 @@ def _plain(node: Any) -> Any:
     return node
 
 
+def _source_issue(stype: str | None, loc: Any, source: Any) -> tuple[str, str] | None:
+    """(field suffix, message) when a source does not fit its location's type."""
+    if stype == "filesystem" and not source.get("path"):
+        return ".path", "a filesystem source needs 'path': the absolute path(s) to protect"
+    if stype == "zfs":
+        ds = source.get("dataset")
+        root = loc.get("dataset") if isinstance(loc, dict) else None
+        if not ds:
+            return ".dataset", "a zfs source needs 'dataset': the dataset to protect, e.g. tank/documents"
+        if isinstance(root, str) and not (ds == root or str(ds).startswith(root + "/")):
+            return ".dataset", f"dataset {ds!r} is not under the location's dataset {root!r}"
+    return None
+
+
 def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | os.PathLike] = ()) -> Config:
     """Load and validate. Raises PolicyError listing every issue found."""
     files: list[Path] = []
@@ -242,6 +256,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             for name, body in locs.items():
                 raw_locations.setdefault(str(name), body)
 
+    from ..legs import DRIVERS  # what this drtool can run: (leg kind, location type)
+
+    supported_types = {k: tuple(sorted(t for kk, t in DRIVERS if kk == k)) for k in LEG_KINDS}
+
     def loc_type(name: str) -> str | None:
         body = raw_locations.get(name)
         return str(body.get("type")) if isinstance(body, dict) and body.get("type") is not None else None
@@ -258,9 +276,11 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             if isinstance(src_name, str) and src_name not in raw_locations:
                 line, dotted = _node_line(tree, ("policies", i, "source", "location"))
                 issues.append(Issue(str(f), line, dotted, f"unknown location {src_name!r}{_did_you_mean(src_name, raw_locations)}: define it under 'locations:'"))
-            elif isinstance(src_name, str) and loc_type(src_name) == "filesystem" and not source.get("path"):
-                line, dotted = _node_line(tree, ("policies", i, "source"))
-                issues.append(Issue(str(f), line, dotted + ".path", "a filesystem source needs 'path': the absolute path(s) to protect"))
+            elif isinstance(src_name, str):
+                issue = _source_issue(loc_type(src_name), raw_locations.get(src_name), source)
+                if issue:
+                    line, dotted = _node_line(tree, ("policies", i, "source"))
+                    issues.append(Issue(str(f), line, dotted + issue[0], issue[1]))
             legs = pol.get("legs")
             if not isinstance(legs, CommentedSeq):
                 continue
@@ -270,9 +290,9 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                 kind, to = leg.get("kind"), leg.get("to")
                 if to is None:
                     stype = loc_type(src_name) if isinstance(src_name, str) else None
-                    if kind in LEG_SOURCE_TYPES and stype is not None and stype not in LEG_SOURCE_TYPES[kind]:
+                    if kind in supported_types and stype is not None and stype not in supported_types[kind]:
                         line, dotted = _node_line(tree, ("policies", i, "legs", j, "kind"))
-                        supported = ", ".join(LEG_SOURCE_TYPES[kind]) or "none in this drtool version"
+                        supported = ", ".join(supported_types[kind]) or "none in this drtool version"
                         issues.append(Issue(str(f), line, dotted, f"a {kind} leg is not supported on a {stype} source (supported: {supported})"))
                     continue
                 if not isinstance(to, str):
@@ -282,8 +302,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     issues.append(Issue(str(f), line, dotted, f"unknown location {to!r}{_did_you_mean(to, raw_locations)}: define it under 'locations:'"))
                     continue
                 ttype = loc_type(to)
-                allowed = LEG_TARGET_TYPES.get(str(kind), ())
-                if kind in LEG_TARGET_TYPES and ttype not in allowed:
+                allowed = supported_types.get(str(kind), ())
+                if kind == "backup" and isinstance(src_name, str) and loc_type(src_name) not in (None, "filesystem"):
+                    issues.append(Issue(str(f), line, dotted, f"backup legs read files: the source must be a filesystem location with 'path' (this one is {loc_type(src_name)})"))
+                elif kind in supported_types and ttype not in allowed:
                     fix = f"point it at a location of type {' or '.join(allowed)}" if allowed else f"{kind} legs are not supported by this drtool version yet"
                     issues.append(Issue(str(f), line, dotted, f"a {kind} leg cannot write to {to!r} (type {ttype}): {fix}"))
                 if to == src_name:

@@ -102,8 +102,23 @@ class ResticLocation(LocationBase):
         return v
 
 
-Location = Annotated[Union[FilesystemLocation, ResticLocation], Field(discriminator="type")]
-LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation)
+class ZfsLocation(LocationBase):
+    """A ZFS pool or dataset tree, on this host or reached over ssh."""
+
+    type: Literal["zfs"] = Field(description="Location type.")
+    dataset: str = Field(
+        description="The pool or dataset under which sources live (a snapshot leg's source) or replicas are received (a replicate leg's target).",
+        examples=["tank"],
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$",
+    )
+    ssh: str | None = Field(None, description="Run zfs on this host over ssh (user@host, key-based, BatchMode).", examples=["root@nas01.lab"])
+
+    sample_name: ClassVar[str] = "tank"
+
+
+Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation], Field(discriminator="type")]
+LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation)
 
 
 # --------------------------------------------------------------------------- legs
@@ -149,18 +164,6 @@ class Verify(Strict):
 
 LegKind = Literal["snapshot", "replicate", "backup", "upload", "parity"]
 LEG_KINDS: tuple[str, ...] = ("snapshot", "replicate", "backup", "upload", "parity")
-# Which location types each leg kind can write to (grows as backends land).
-LEG_TARGET_TYPES: dict[str, tuple[str, ...]] = {
-    "backup": ("restic",),
-    "snapshot": (),
-    "replicate": (),
-    "upload": (),
-    "parity": (),
-}
-# Which source location types support the legs that act on the source itself.
-LEG_SOURCE_TYPES: dict[str, tuple[str, ...]] = {"snapshot": (), "parity": ()}
-
-
 class Leg(Strict):
     """One way a policy protects its source."""
 
@@ -176,6 +179,11 @@ class Leg(Strict):
     retention: Retention = Field(default_factory=Retention, description="What prune keeps. Empty: keep everything.")
     verify: Verify = Field(default_factory=Verify, description="Verification level and frequency.")
     exclude: list[str] = Field(default_factory=list, description="backup: restic exclude patterns.", examples=[["*.tmp", ".cache"]])
+    dataset: str | None = Field(
+        None,
+        description="replicate: the replica dataset. Default: the target location's dataset plus the source dataset's last component.",
+        examples=["backup/documents"],
+    )
 
     @field_validator("schedule")
     @classmethod
@@ -209,6 +217,8 @@ class Source(Strict):
         description="Absolute path(s) of the data to protect (filesystem sources).",
         examples=["/srv/data/documents"],
     )
+    dataset: str | None = Field(None, description="The ZFS dataset to protect (zfs sources).", examples=["tank/documents"])
+    recursive: bool = Field(False, description="zfs sources: snapshot and replicate the dataset's children too.")
 
     @field_validator("path")
     @classmethod

@@ -116,6 +116,19 @@ def test_sample_verify_detects_a_changed_file_in_the_repository(lab):
     assert check["files"] == 8
 
 
+def _wait_for_running_run(timeout: float = 30) -> None:
+    """The run is recorded while restic already works (the catalog opens meanwhile)."""
+    from drtool.catalog import Catalog
+
+    cat = Catalog.open()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r.phase == "running" for r in cat.runs(limit=5)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no running run was recorded")
+
+
 def test_sigkill_mid_backup_does_not_block_the_next_run(lab):
     big = lab.source / "big.bin"
     big.write_bytes(os.urandom(200 * 1024 * 1024))
@@ -125,7 +138,7 @@ def test_sigkill_mid_backup_does_not_block_the_next_run(lab):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (locks.is_dir() and any(locks.iterdir())):
         time.sleep(0.02)
-    time.sleep(0.5)
+    _wait_for_running_run()
     assert proc.poll() is None, "the backup finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -254,7 +267,7 @@ def test_sigterm_mid_backup_stops_restic_and_records_the_interruption(lab):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (locks.is_dir() and any(locks.iterdir())):
         time.sleep(0.02)
-    time.sleep(0.5)
+    _wait_for_running_run()
     assert proc.poll() is None, "the backup finished before it could be interrupted"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,33 @@
+"""Leg drivers: (leg kind, location type) -> the driver class, one line each."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+from ..policy.models import Leg, Policy
+from .base import LegDriver, LegOutcome
+from .restic_backup import ResticBackupLeg
+
+if TYPE_CHECKING:
+    from ..engine import Context
+
+DRIVERS: dict[tuple[str, str], type[LegDriver]] = {
+    ("backup", "restic"): ResticBackupLeg,
+}
+
+
+def driver_for(ctx: "Context", policy: Policy, leg: Leg) -> LegDriver:
+    where = leg.to or policy.source.location
+    ltype = getattr(ctx.cfg.location(where), "type", "?")
+    cls = DRIVERS.get((leg.kind, ltype))
+    if cls is None:
+        raise ConfigError(f"{policy.name}/{leg.leg_name}: {leg.kind} legs on {ltype} locations are not supported by this drtool version")
+    return cls(ctx, policy, leg)
+
+
+def supported(ctx: "Context", policy: Policy, leg: Leg) -> bool:
+    where = leg.to or policy.source.location
+    return (leg.kind, getattr(ctx.cfg.location(where), "type", "?")) in DRIVERS
+
+
+__all__ = ["DRIVERS", "LegDriver", "LegOutcome", "driver_for", "supported"]

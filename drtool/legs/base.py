@@ -1,0 +1,71 @@
+"""What every leg driver provides. A driver binds one policy leg to the backend that
+carries it out (restic for backup legs, zfs for snapshot/replicate legs, …); the
+engine, verify, prune, status and restore talk only to this interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..backends.base import RecoveryPoint
+from ..policy.models import Leg, Policy
+
+if TYPE_CHECKING:
+    from ..engine import Context, _RunRecord
+
+
+@dataclass
+class LegOutcome:
+    point: RecoveryPoint
+    message: str
+    bytes_processed: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class LegDriver:
+    """Base class: subclasses implement the backend operations for one leg kind."""
+
+    #: verification levels this driver implements beyond ``exists``
+    levels: tuple[str, ...] = ()
+
+    def __init__(self, ctx: "Context", policy: Policy, leg: Leg) -> None:
+        self.ctx, self.policy, self.leg = ctx, policy, leg
+
+    @property
+    def location(self) -> str:
+        """The location holding this leg's recovery points."""
+        return self.leg.to or self.policy.source.location
+
+    # -- to implement ------------------------------------------------------------
+
+    def describe(self) -> str:
+        """One line for --dry-run: what a run would do."""
+        raise NotImplementedError
+
+    def run(self, rec: "_RunRecord") -> LegOutcome:
+        """Make one recovery point. Call ``rec.start()`` once the backend is working."""
+        raise NotImplementedError
+
+    def points(self) -> list[RecoveryPoint]:
+        """This leg's own points (made by drtool for this policy and leg), oldest first."""
+        raise NotImplementedError
+
+    def location_points(self) -> list[RecoveryPoint]:
+        """Every drtool point at this leg's location (for the inventory cache)."""
+        return self.points()
+
+    def delete(self, point_ids: list[str]) -> None:
+        raise NotImplementedError
+
+    def pins(self, points: list[RecoveryPoint]) -> dict[str, str]:
+        """Points the backend says must not be deleted (held, replication bases)."""
+        return {}
+
+    def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
+        """One verification check at ``level`` (one of ``levels``): {level, ok, message, …}."""
+        raise NotImplementedError
+
+    def commands(self) -> list[dict[str, Any]]:
+        """Drain the command log of the backends this driver used (argv masked)."""
+        return []
