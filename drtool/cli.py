@@ -268,8 +268,10 @@ def verify_cmd(st: State, policy_name: str | None, leg_name: str | None, level: 
 
     ctx = st.ctx()
     results = []
+    from .legs import supported
+
     for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
-        if leg.kind != "backup":
+        if not supported(ctx, pol, leg):
             continue
         v = verify_leg(ctx, pol, leg, level=level)
         results.append(v)

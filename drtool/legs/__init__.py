@@ -7,12 +7,15 @@ from ..errors import ConfigError
 from ..policy.models import Leg, Policy
 from .base import LegDriver, LegOutcome
 from .restic_backup import ResticBackupLeg
+from .zfs_legs import ZfsReplicateLeg, ZfsSnapshotLeg
 
 if TYPE_CHECKING:
     from ..engine import Context
 
 DRIVERS: dict[tuple[str, str], type[LegDriver]] = {
     ("backup", "restic"): ResticBackupLeg,
+    ("snapshot", "zfs"): ZfsSnapshotLeg,  # keyed by the source's location type
+    ("replicate", "zfs"): ZfsReplicateLeg,  # keyed by the target's location type
 }
 
 

@@ -284,6 +284,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             legs = pol.get("legs")
             if not isinstance(legs, CommentedSeq):
                 continue
+            kinds = [leg.get("kind") for leg in legs if isinstance(leg, CommentedMap)]
+            if "replicate" in kinds and "snapshot" not in kinds:
+                line, dotted = _node_line(tree, ("policies", i, "legs", kinds.index("replicate"), "kind"))
+                issues.append(Issue(str(f), line, dotted, "a replicate leg sends the policy's own snapshots: add a snapshot leg to this policy"))
             for j, leg in enumerate(legs):
                 if not isinstance(leg, CommentedMap):
                     continue

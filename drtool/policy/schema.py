@@ -72,6 +72,9 @@ _SAMPLE_VALUES: dict[tuple[str, str], Any] = {
     ("FilesystemLocation", "immutable"): None,
     ("FilesystemLocation", "offline"): None,
     ("ResticLocation", "immutable"): None,
+    ("ZfsLocation", "immutable"): None,
+    ("ZfsLocation", "offline"): None,
+    ("ZfsLocation", "ssh"): None,
 }
 
 

@@ -1,0 +1,262 @@
+"""ZFS snapshot and replicate legs.
+
+Ownership: drtool's snapshots are named ``drtool-<policy>-<UTC time>`` and carry
+the user properties ``drtool:policy`` and ``drtool:leg`` set ON the snapshot (not
+inherited), so listing for prune never returns anyone else's snapshot.
+
+Replication sends the newest snapshot of the policy's snapshot leg, full the
+first time and then ``-I`` from the last common snapshot (matched by guid), so
+the replica keeps the history and prunes it by its own retention. After a
+successful receive the new base is held on both sides (tag
+``drtool-<policy>-<leg>``) and the previous base released: a held snapshot is
+pinned by prune on both sides, so the chain cannot break.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from ..backends.base import RecoveryPoint
+from ..backends.zfs import ZfsCli, ZfsDiverged, ZfsNotFound, ZfsSnapshot
+from ..errors import BackendError, ConfigError, SourceError
+from ..policy.models import ZfsLocation
+from .base import LegDriver, LegOutcome
+
+PROP_POLICY = "drtool:policy"
+PROP_LEG = "drtool:leg"
+PROP_REPLICA_OF = "drtool:replica-of"
+
+
+def snapshot_name(policy: str, when: datetime) -> str:
+    return f"drtool-{policy}-{when.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
+def _point(s: ZfsSnapshot, location: str, policy: str | None, leg: str | None) -> RecoveryPoint:
+    return RecoveryPoint(
+        id=s.name, time=s.creation, location=location, policy=policy, leg=leg, size_bytes=s.referenced,
+        meta={"guid": s.guid, "createtxg": s.createtxg, "userrefs": s.userrefs, "owned": True},
+    )
+
+
+def _owned(snaps: list[ZfsSnapshot], policy: str | None = None, leg: str | None = None) -> list[ZfsSnapshot]:
+    out = [s for s in snaps if s.snap.startswith("drtool-") and PROP_POLICY in s.properties]
+    if policy is not None:
+        out = [s for s in out if s.properties.get(PROP_POLICY) == policy]
+    if leg is not None:
+        out = [s for s in out if s.properties.get(PROP_LEG) == leg]
+    return sorted(out, key=lambda s: s.createtxg)
+
+
+class _ZfsLeg(LegDriver):
+    levels = ("integrity",)
+
+    def _cli(self, location: str) -> ZfsCli:
+        cache = self.ctx._repos  # one ZfsCli per location, like repositories
+        key = f"zfs:{location}"
+        if key not in cache:
+            loc = self.ctx.cfg.location(location)
+            if not isinstance(loc, ZfsLocation):
+                raise ConfigError(f"location {location} is not a zfs location")
+            cache[key] = ZfsCli(ssh=loc.ssh)  # type: ignore[assignment]
+        return cache[key]  # type: ignore[return-value]
+
+    @property
+    def source_dataset(self) -> str:
+        assert self.policy.source.dataset
+        return self.policy.source.dataset
+
+    def _clis(self) -> list[ZfsCli]:
+        return [self._cli(self.policy.source.location)]
+
+    def commands(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for cli in {id(c): c for c in self._clis()}.values():
+            out.extend(cli.commands)
+            cli.commands.clear()
+        return out
+
+    def pins(self, points: list[RecoveryPoint]) -> dict[str, str]:
+        return {p.id: f"held ({p.meta.get('userrefs')} hold(s)): a replication base or someone's hold"
+                for p in points if (p.meta.get("userrefs") or 0) > 0}
+
+    def _pool_check(self, cli: ZfsCli, dataset: str) -> dict[str, Any]:
+        pool = dataset.split("/")[0]
+        st = cli.pool_status(pool)
+        scrub = st.last_scrub_end
+        age = f"last scrub {scrub:%Y-%m-%d %H:%M}Z" if scrub else "never scrubbed"
+        errors = st.scan_errors or 0
+        ok = st.healthy and errors == 0
+        msg = f"pool {pool}: {st.state}, {age}" + (f", scrub found {errors} error(s)" if errors else "") + (
+            "" if st.healthy else f": {st.status or 'not healthy'}")
+        return {"level": "integrity", "ok": ok, "message": msg, "pool": pool, "state": st.state,
+                "last_scrub": scrub.isoformat() if scrub else None, "scrub_errors": errors}
+
+
+class ZfsSnapshotLeg(_ZfsLeg):
+    """snapshot legs: ``zfs snapshot [-r]`` of the source dataset, on its own pool."""
+
+    def describe(self) -> str:
+        rec = " recursively" if self.policy.source.recursive else ""
+        return f"would snapshot {self.source_dataset}{rec} as {snapshot_name(self.policy.name, self.ctx.now())}"
+
+    def run(self, rec: Any) -> LegOutcome:
+        cli = self._cli(self.policy.source.location)
+        ds = self.source_dataset
+        if not cli.dataset_exists(ds):
+            raise SourceError(f"source dataset {ds} does not exist (is the pool imported?)")
+        rec.start()
+        name = snapshot_name(self.policy.name, self.ctx.now())
+        full = cli.snapshot(ds, name, recursive=self.policy.source.recursive,
+                            properties={PROP_POLICY: self.policy.name, PROP_LEG: self.leg.leg_name})
+        snap = next((s for s in cli.list_snapshots(ds) if s.name == full), None)
+        if snap is None:
+            raise BackendError(f"zfs reported snapshot {full} made, but listing {ds} does not show it")
+        return LegOutcome(point=_point(snap, self.location, self.policy.name, self.leg.leg_name),
+                          message=f"snapshot {full} ({snap.referenced} bytes referenced)",
+                          detail={"snapshot": full, "guid": snap.guid, "recursive": self.policy.source.recursive})
+
+    def points(self) -> list[RecoveryPoint]:
+        snaps = self._cli(self.location).list_snapshots(self.source_dataset)
+        return [_point(s, self.location, self.policy.name, self.leg.leg_name) for s in _owned(snaps, self.policy.name, self.leg.leg_name)]
+
+    def location_points(self) -> list[RecoveryPoint]:
+        loc = self.ctx.cfg.location(self.location)
+        snaps = self._cli(self.location).list_snapshots(loc.dataset, recursive=True)  # type: ignore[attr-defined]
+        return [_point(s, self.location, s.properties.get(PROP_POLICY), s.properties.get(PROP_LEG)) for s in _owned(snaps)]
+
+    def delete(self, point_ids: list[str]) -> None:
+        cli = self._cli(self.location)
+        owned = {p.id for p in self.points()}
+        for pid in point_ids:
+            if pid not in owned:  # belt and braces: prune only hands us owned ids
+                raise BackendError(f"refusing to destroy {pid}: not a snapshot drtool made for {self.policy.name}/{self.leg.leg_name}")
+            if self.policy.source.recursive:
+                snap = pid.split("@", 1)[1]
+                children = [s.name for s in cli.list_snapshots(self.source_dataset, recursive=True) if s.snap == snap and s.name != pid]
+                for child in sorted(children, key=len, reverse=True):
+                    cli.destroy_snapshot(child)
+            cli.destroy_snapshot(pid)
+
+    def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
+        return self._pool_check(self._cli(self.location), self.source_dataset)
+
+
+class ZfsReplicateLeg(_ZfsLeg):
+    """replicate legs: ``zfs send [-I base] | zfs receive`` into a replica dataset."""
+
+    @property
+    def target_dataset(self) -> str:
+        if self.leg.dataset:
+            return self.leg.dataset
+        root = self.ctx.cfg.location(self.leg.to).dataset  # type: ignore[arg-type,attr-defined]
+        return f"{root}/{self.source_dataset.rsplit('/', 1)[-1]}"
+
+    @property
+    def hold_tag(self) -> str:
+        return f"drtool-{self.policy.name}-{self.leg.leg_name}"
+
+    def _clis(self) -> list[ZfsCli]:
+        return [self._cli(self.policy.source.location), self._cli(self.leg.to)]  # type: ignore[arg-type]
+
+    def _snapshot_leg(self) -> str:
+        legs = [leg.leg_name for leg in self.policy.legs if leg.kind == "snapshot"]
+        if not legs:
+            raise ConfigError(f"{self.policy.name}/{self.leg.leg_name}: a replicate leg sends the policy's own snapshots: add a snapshot leg")
+        return legs[0]
+
+    def describe(self) -> str:
+        return f"would replicate the newest snapshot of {self.source_dataset} to {self.target_dataset} on {self.leg.to}"
+
+    def run(self, rec: Any) -> LegOutcome:
+        src, dst = self._cli(self.policy.source.location), self._cli(self.leg.to)  # type: ignore[arg-type]
+        ds, tds = self.source_dataset, self.target_dataset
+        if not src.dataset_exists(ds):
+            raise SourceError(f"source dataset {ds} does not exist (is the pool imported?)")
+        source_snaps = _owned(src.list_snapshots(ds), self.policy.name, self._snapshot_leg())
+        if not source_snaps:
+            raise SourceError(f"{ds} has no snapshot of {self.policy.name}/{self._snapshot_leg()} to replicate yet: run the snapshot leg first")
+        newest = source_snaps[-1]
+        rec.start()
+        exists = dst.dataset_exists(tds)
+        target_snaps = dst.list_snapshots(tds) if exists else []
+        by_guid = {s.guid: s for s in target_snaps}
+        common = [s for s in source_snaps if s.guid in by_guid]
+        if newest.guid in by_guid:
+            point = self._tag_and_hold(src, dst, newest, by_guid[newest.guid], previous=None)
+            return LegOutcome(point=point, message=f"{tds} is up to date: {newest.snap} is already replicated")
+        if exists and not common:
+            raise ZfsDiverged(
+                f"{tds} exists on {self.leg.to} but shares no snapshot with {ds}: drtool will not overwrite it. "
+                f"Fix: rename or destroy {tds} (zfs rename / zfs destroy -r) and run again for a full send", "")
+        base = common[-1] if common else None
+        with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: zfs send {newest.snap} → {self.leg.to}") as task:
+            result = src.send_receive(newest.name, tds, base=base.name if base else None, incremental_all=True, target=dst,
+                                      progress=lambda d: task.update(completed=d.get("bytes", 0)))
+        if not exists:
+            dst.set_property(tds, "readonly", "on")
+            dst.set_property(tds, PROP_REPLICA_OF, f"{self.policy.name}/{self.leg.leg_name}")
+        received = {s.guid: s for s in dst.list_snapshots(tds)}
+        if newest.guid not in received:
+            raise BackendError(f"zfs receive into {tds} reported success, but {newest.snap} (guid {newest.guid}) is not there")
+        # tag every received drtool snapshot as this leg's, so its prune can see them
+        for s in source_snaps:
+            r = received.get(s.guid)
+            if r is not None and r.properties.get(PROP_LEG) != self.leg.leg_name:
+                dst.set_property(r.name, PROP_POLICY, self.policy.name)
+                dst.set_property(r.name, PROP_LEG, self.leg.leg_name)
+        point = self._tag_and_hold(src, dst, newest, received[newest.guid], previous=(base, by_guid.get(base.guid)) if base else None)
+        kind = f"incremental from {base.snap}" if base else "full"
+        return LegOutcome(point=point, bytes_processed=result.bytes,
+                          message=f"replicated {newest.snap} to {tds} ({kind}, {result.bytes} bytes)",
+                          detail={"snapshot": newest.name, "target": tds, "base": base.name if base else None, "bytes": result.bytes})
+
+    def _tag_and_hold(self, src: ZfsCli, dst: ZfsCli, newest: ZfsSnapshot, replica: ZfsSnapshot, previous: Any) -> RecoveryPoint:
+        """Hold the new common snapshot on both sides, then release the previous base."""
+        src.hold(self.hold_tag, newest.name)
+        dst.hold(self.hold_tag, replica.name)
+        if previous:
+            old_src, old_dst = previous
+            src.release(self.hold_tag, old_src.name, missing_ok=True)
+            if old_dst is not None:
+                dst.release(self.hold_tag, old_dst.name, missing_ok=True)
+        fresh = next(s for s in dst.list_snapshots(self.target_dataset) if s.guid == replica.guid)
+        return _point(fresh, self.leg.to, self.policy.name, self.leg.leg_name)  # type: ignore[arg-type]
+
+    def points(self) -> list[RecoveryPoint]:
+        dst = self._cli(self.leg.to)  # type: ignore[arg-type]
+        try:
+            snaps = dst.list_snapshots(self.target_dataset)
+        except ZfsNotFound:
+            return []
+        return [_point(s, self.location, self.policy.name, self.leg.leg_name) for s in _owned(snaps, self.policy.name, self.leg.leg_name)]
+
+    def location_points(self) -> list[RecoveryPoint]:
+        loc = self.ctx.cfg.location(self.location)
+        try:
+            snaps = self._cli(self.location).list_snapshots(loc.dataset, recursive=True)  # type: ignore[attr-defined]
+        except ZfsNotFound:
+            return []
+        return [_point(s, self.location, s.properties.get(PROP_POLICY), s.properties.get(PROP_LEG)) for s in _owned(snaps)]
+
+    def delete(self, point_ids: list[str]) -> None:
+        dst = self._cli(self.leg.to)  # type: ignore[arg-type]
+        owned = {p.id for p in self.points()}
+        for pid in point_ids:
+            if pid not in owned:
+                raise BackendError(f"refusing to destroy {pid}: not a replica snapshot drtool made for {self.policy.name}/{self.leg.leg_name}")
+            dst.destroy_snapshot(pid)
+
+    def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
+        src, dst = self._cli(self.policy.source.location), self._cli(self.leg.to)  # type: ignore[arg-type]
+        pool = self._pool_check(dst, self.target_dataset)
+        newest = points[-1]
+        snap = newest.id.split("@", 1)[1]
+        twin = next((s for s in src.list_snapshots(self.source_dataset) if s.snap == snap), None)
+        if twin is None:
+            guid_msg, guid_ok = f"{snap} no longer exists on the source to compare guids", True
+        else:
+            guid_ok = twin.guid == newest.meta.get("guid")
+            guid_msg = f"guid of {snap} matches the source" if guid_ok else f"guid of {snap} differs: replica {newest.meta.get('guid')} vs source {twin.guid}"
+        pool["ok"] = pool["ok"] and guid_ok
+        pool["message"] = f"{pool['message']}; {guid_msg}"
+        return pool

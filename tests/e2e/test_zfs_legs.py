@@ -1,0 +1,175 @@
+"""End-to-end on real ZFS (zfs-fuse): snapshot and replicate legs through the CLI.
+
+policy → run (snapshot + full replicate) → modify → run (incremental) → replica
+content equals the source → holds protect the replication base from prune →
+prune never touches foreign snapshots → a diverged replica is a clear error and
+nothing is destroyed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+DRTOOL = str(Path(sys.executable).parent / "drtool")
+
+
+def _zfs(*args: str) -> str:
+    return subprocess.run(["zfs", *args], check=True, capture_output=True, text=True).stdout
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def zlab(zfs, tmp_path):
+    src_pool = zfs.make_pool("drsrc")
+    dst_pool = zfs.make_pool("drdst")
+    _zfs("create", f"{src_pool}/docs")
+    data = zfs.mountpoint(src_pool) / "docs"
+    for i in range(5):
+        (data / f"file{i}.txt").write_text(f"version 1 of file {i}\n" * 100)
+    cfg = tmp_path / "zfs.yaml"
+    cfg.write_text(dedent(f"""\
+        version: 1
+        locations:
+          tank: {{type: zfs, dataset: {src_pool}, media: ssd, site: home, failure_domain: nas01}}
+          backup: {{type: zfs, dataset: {dst_pool}, media: hdd, site: home, failure_domain: backup01}}
+        policies:
+          - name: docs
+            source: {{location: tank, dataset: {src_pool}/docs}}
+            rpo: 1h
+            rto: 1h
+            legs:
+              - {{kind: snapshot, schedule: "@hourly", retention: {{keep_last: 2}}, verify: {{level: integrity, every: 1d}}}}
+              - {{kind: replicate, to: backup, schedule: "@daily", retention: {{keep_last: 3}}, verify: {{level: integrity, every: 1d}}}}
+        """))
+
+    class Lab:
+        config = cfg
+        source = f"{src_pool}/docs"
+        replica = f"{dst_pool}/docs"
+        data_dir = data
+        pools = (src_pool, dst_pool)
+        mount = zfs.mountpoint
+
+        def drtool(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
+            proc = subprocess.run([DRTOOL, "-c", str(cfg), *args], capture_output=True, text=True, timeout=300)
+            if check is not None:
+                assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            return proc
+
+        def json(self, *args: str, check: int | None = 0) -> dict:
+            return json.loads(self.drtool(*args, "--json", check=check).stdout)
+
+        def snaps(self, dataset: str) -> list[str]:
+            out = _zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", dataset)
+            return [ln for ln in out.splitlines() if ln.startswith(dataset + "@")]
+
+    return Lab()
+
+
+def _run(lab) -> dict:
+    doc = lab.json("run", "--no-verify")
+    assert [r["phase"] for r in doc["results"]] == ["succeeded", "succeeded"], doc
+    time.sleep(1.1)  # snapshot names have one-second resolution
+    return doc
+
+
+def test_snapshot_replicate_incremental_prune_restore(zlab, tmp_path):
+    first = _run(zlab)
+    assert "full" in first["results"][1]["message"]
+    for i in range(5):
+        (zlab.data_dir / f"file{i}.txt").write_text(f"version 2 of file {i}\n" * 100)
+    (zlab.data_dir / "new.bin").write_bytes(b"\x00\x01" * 50_000)
+    second = _run(zlab)
+    assert "incremental from" in second["results"][1]["message"]
+    assert _zfs("get", "-H", "-o", "value", "readonly", zlab.replica).strip() in ("on", "off")  # mounted: reads 'temporary'
+    assert _zfs("get", "-H", "-o", "value,source", "readonly", zlab.replica).split()[1] in ("local", "temporary")
+
+    # the replica's newest snapshot holds exactly the source's data: read it via a clone
+    newest = zlab.snaps(zlab.replica)[-1]
+    clone = f"{zlab.pools[1]}/restore-check"
+    _zfs("clone", newest, clone)
+    try:
+        assert _tree(zlab.mount(zlab.pools[1]) / "restore-check") == _tree(zlab.data_dir)
+    finally:
+        subprocess.run(["zfs", "destroy", clone], capture_output=True)
+
+    # explain: snapshots are recovery points, the replica is a copy in another failure domain
+    explain = zlab.json("policy", "explain")["policies"][0]
+    why = {c["leg"]: (c["counts"], c["reason"]) for c in explain["copies"]}
+    assert why["snapshot"] == (False, "a snapshot on the source's own storage is a recovery point, not an independent copy")
+    assert why["replicate-backup"][0] is True
+
+    # verify integrity on both legs: pool health, and the replica's guid matches the source
+    ver = zlab.json("verify")
+    assert all(v["ok"] for v in ver["verifications"]), ver
+    assert any("guid of drtool-docs-" in v["message"] and "matches the source" in v["message"] for v in ver["verifications"]), [v["message"] for v in ver["verifications"]]
+
+    # live status: the replica is fresh and verified, but two copies are not three
+    status = zlab.json("status", check=4)["policies"][0]
+    rules = {r["rule"]: r["ok"] for r in status["rules"]}
+    assert rules["3 copies"] is False and rules["0 errors"] is True
+    replica = next(c for c in status["copies"] if c["leg"] == "replicate-backup")
+    assert replica["counts"] and replica["live"]["fresh"] and replica["live"]["verified"]
+
+    # inventory shows both sides
+    inv = zlab.json("inventory")["locations"]
+    assert len(inv["tank"]["points"]) == 2 and len(inv["backup"]["points"]) == 2
+
+    # more runs, plus someone else's snapshot, then prune
+    _zfs("snapshot", f"{zlab.source}@manual-before-upgrade")
+    for _ in range(2):
+        _run(zlab)
+    src_before = zlab.snaps(zlab.source)
+    assert len(src_before) == 5  # 4 drtool + 1 manual
+    plan = zlab.json("prune", "--dry-run")
+    assert zlab.snaps(zlab.source) == src_before  # dry run destroys nothing
+    snap_plan = next(p for p in plan["prunes"] if p["leg"] == "snapshot")["plan"]["decisions"]
+    drtool_snaps = [s for s in src_before if "@drtool-" in s]
+    assert [d["point_id"] for d in snap_plan] == drtool_snaps[::-1]  # newest first; the manual snapshot is never a candidate
+    reasons = [" ".join(d["reasons"]) for d in snap_plan]
+    assert [d["keep"] for d in snap_plan] == [True, True, True, False]
+    assert "held" in reasons[0] and "last #1" in reasons[0]  # the replication base is held on both sides
+    assert "last #2" in reasons[1]
+    assert "pinned: last verified point" in reasons[2]  # verified after the second run
+    zlab.json("prune")
+    after = zlab.snaps(zlab.source)
+    assert f"{zlab.source}@manual-before-upgrade" in after
+    assert [s for s in after if "@drtool-" in s] == drtool_snaps[1:]
+    replica = zlab.snaps(zlab.replica)
+    assert len([s for s in replica if "@drtool-" in s]) == 3  # the replica is pruned by its own retention (keep_last 3)
+    assert f"{zlab.replica}@manual-before-upgrade" in replica  # -I carried it over; not drtool's, so never pruned
+
+    # the chain is intact: another incremental still works after prune
+    (zlab.data_dir / "after-prune.txt").write_text("x")
+    third = _run(zlab)
+    assert "incremental from" in third["results"][1]["message"]
+
+
+def test_diverged_replica_is_a_clear_error_and_nothing_is_destroyed(zlab):
+    _run(zlab)
+    # someone writes into the replica (replicas are readonly; they turned it off)
+    _zfs("set", "readonly=off", zlab.replica)
+    (zlab.mount(zlab.pools[1]) / "docs" / "intruder.txt").write_text("changed on the replica")
+    (zlab.data_dir / "more.txt").write_text("more")
+    before = zlab.snaps(zlab.replica)
+    proc = zlab.drtool("run", check=3)  # the snapshot leg succeeds, the replicate leg fails
+    assert "has been modified" in proc.stdout or "diverged" in proc.stdout.lower(), proc.stdout
+    assert zlab.snaps(zlab.replica) == before
+    assert (zlab.mount(zlab.pools[1]) / "docs" / "intruder.txt").exists()
+
+
+def test_replicate_needs_a_snapshot_leg(zlab):
+    text = zlab.config.read_text().replace("      - {kind: snapshot,", "      # - {kind: snapshot,")
+    zlab.config.write_text(text)
+    proc = zlab.drtool("policy", "validate", check=2)
+    assert "a replicate leg sends the policy's own snapshots: add a snapshot leg" in proc.stderr
