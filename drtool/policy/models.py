@@ -113,6 +113,11 @@ class ZfsLocation(LocationBase):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$",
     )
     ssh: str | None = Field(None, description="Run zfs on this host over ssh (user@host, key-based, BatchMode).", examples=["root@nas01.lab"])
+    ssh_options: list[str] = Field(
+        default_factory=list,
+        description="Extra ssh arguments, e.g. a port or an identity file (never a secret: they show in ps).",
+        examples=[["-p", "2222", "-i", "/etc/drtool/ssh/id_ed25519"]],
+    )
 
     sample_name: ClassVar[str] = "tank"
 

@@ -75,6 +75,7 @@ _SAMPLE_VALUES: dict[tuple[str, str], Any] = {
     ("ZfsLocation", "immutable"): None,
     ("ZfsLocation", "offline"): None,
     ("ZfsLocation", "ssh"): None,
+    ("ZfsLocation", "ssh_options"): None,
 }
 
 
