@@ -57,7 +57,7 @@ class _ZfsLeg(LegDriver):
             loc = self.ctx.cfg.location(location)
             if not isinstance(loc, ZfsLocation):
                 raise ConfigError(f"location {location} is not a zfs location")
-            cache[key] = ZfsCli(ssh=loc.ssh)  # type: ignore[assignment]
+            cache[key] = ZfsCli(ssh=loc.ssh, ssh_options=loc.ssh_options)  # type: ignore[assignment]
         return cache[key]  # type: ignore[return-value]
 
     @property
