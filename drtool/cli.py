@@ -312,25 +312,31 @@ def prune_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run:
 
 @cli.command("restore")
 @click.option("--policy", "policy_name", required=True, help="The policy whose data to restore.")
-@click.option("--leg", "leg_name", help="Which copy (leg) to restore from; optional when the policy has one backup leg.")
-@click.option("--point", "selector", default="latest", show_default=True, help="latest, latest-verified, or a snapshot id (prefix).")
-@click.option("--target", required=True, type=click.Path(file_okay=False), help="An empty directory to restore into.")
-@click.option("--include", multiple=True, help="Restore only this absolute path (repeatable).")
+@click.option("--leg", "leg_name", help="Which leg's points to restore from; optional when the policy has one leg.")
+@click.option("--point", "selector", default="latest", show_default=True, help="latest, latest-verified, or a point id (prefix) or snapshot name.")
+@click.option("--target", help="restic: an empty directory; zfs: a new dataset (clone, or receive from a replica).")
+@click.option("--include", multiple=True, help="restic: restore only this absolute path (repeatable).")
+@click.option("--rollback", is_flag=True, help="zfs snapshot legs: roll the source dataset back in place (guarded).")
+@click.option("--destroy-newer", is_flag=True, help="With --rollback: allow destroying snapshots newer than the point.")
 @click.option("--dry-run", is_flag=True, help="Show which point would be restored where; change nothing.")
-@click.option("--force", is_flag=True, help="Restore into a non-empty target (files there may be overwritten).")
+@click.option("--force", is_flag=True, help="restic: restore into a non-empty target (files there may be overwritten).")
 @json_option
 @pass_state
-def restore_cmd(st: State, policy_name: str, leg_name: str | None, selector: str, target: str, include: tuple[str, ...], dry_run: bool, force: bool) -> None:
-    """Restore a recovery point into a directory, then check it against backup-time hashes."""
+def restore_cmd(st: State, policy_name: str, leg_name: str | None, selector: str, target: str | None, include: tuple[str, ...],
+                rollback: bool, destroy_newer: bool, dry_run: bool, force: bool) -> None:
+    """Restore a recovery point, then prove what came back."""
     from .restore import restore_point
 
     ctx = st.ctx()
     pol = ctx.cfg.policy(policy_name)
-    legs = [leg for leg in pol.legs if leg.kind == "backup" and (leg_name is None or leg.leg_name == leg_name)]
+    legs = [leg for leg in pol.legs if leg_name is None or leg.leg_name == leg_name]
     if len(legs) != 1:
-        names = ", ".join(leg.leg_name for leg in pol.legs if leg.kind == "backup")
-        raise ConfigError(f"choose the copy to restore from with --leg (one of: {names})" if not leg_name else f"no backup leg named {leg_name!r} (known: {names})")
-    r = restore_point(ctx, pol, legs[0], selector=selector, target=target, include=include, dry_run=dry_run, force=force)
+        names = ", ".join(leg.leg_name for leg in pol.legs)
+        raise ConfigError(f"choose the leg to restore from with --leg (one of: {names})" if not leg_name else f"no leg named {leg_name!r} (known: {names})")
+    if not target and not rollback:
+        raise ConfigError("give --target (a directory, or a new dataset for zfs), or --rollback for an in-place zfs rollback")
+    r = restore_point(ctx, pol, legs[0], selector=selector, target=target, include=include, dry_run=dry_run, force=force,
+                      rollback=rollback, destroy_newer=destroy_newer)
     if st.json:
         _emit_json(r.to_dict())
     else:

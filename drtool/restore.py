@@ -1,20 +1,18 @@
-"""Restore a recovery point into a target directory, and prove what came back.
+"""Restore a recovery point, and prove what came back.
 
-The target must be empty (or new) unless ``force``: a restore never overwrites
-data by accident. When the point has a manifest recorded at backup time, every
-restored file it names is compared with its backup-time BLAKE3.
+The driver does the work: restic restores into an empty directory and checks
+every file of the backup-time manifest; ZFS clones a snapshot into a new
+dataset, rolls back (guarded), or receives a replica snapshot back. Every
+restore is recorded as a run with its duration.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from . import manifest
 from .backends.base import RecoveryPoint
-from .engine import Context, _commands
-from .legs.restic_backup import manifest_of
+from .engine import Context
 from .errors import DrtoolError, UsageError
 from .phases import RunPhase
 from .policy.models import Leg, Policy
@@ -26,79 +24,68 @@ class RestoreResult:
     leg: str
     point: str
     point_time: str
-    target: str
+    target: str | None
     dry_run: bool
     ok: bool
     message: str
     duration_s: float | None = None
-    checked: int = 0
-    mismatches: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> RecoveryPoint:
-    """``latest``, ``latest-verified``, or a snapshot id / unique id prefix."""
+    """``latest``, ``latest-verified``, or a point id / unique id prefix (or snapshot name)."""
     from .legs import driver_for
 
-    points = driver_for(ctx, policy, leg).points()
+    driver = driver_for(ctx, policy, leg)
+    points = driver.points()
     if not points:
-        raise DrtoolError(f"no recovery point of {policy.name}/{leg.leg_name} exists in {leg.to}")
+        raise DrtoolError(f"no recovery point of {policy.name}/{leg.leg_name} exists in {driver.location}")
     if selector == "latest":
         return points[-1]
     if selector == "latest-verified":
-        pid = ctx.catalog.last_successful_verified_point(leg.to, policy=policy.name)  # type: ignore[arg-type]
+        pid = ctx.catalog.last_successful_verified_point(driver.location, policy=policy.name)
         match = [p for p in points if p.id == pid]
         if not match:
-            raise DrtoolError(f"no verified point of {policy.name}/{leg.leg_name} still exists in {leg.to}: run `drtool verify` first")
+            raise DrtoolError(f"no verified point of {policy.name}/{leg.leg_name} still exists in {driver.location}: run `drtool verify` first")
         return match[0]
-    match = [p for p in points if p.id.startswith(selector)]
+    match = [p for p in points if p.id.startswith(selector) or p.id.split("@", 1)[-1] == selector]
     if len(match) != 1:
         raise UsageError(f"point {selector!r} matches {len(match)} points of {policy.name}/{leg.leg_name}: use latest, latest-verified or a longer id")
     return match[0]
 
 
-def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, target: str, include: tuple[str, ...] = (),
-                  dry_run: bool = False, force: bool = False) -> RestoreResult:
-    if leg.kind != "backup":
-        raise UsageError(f"{leg.kind} legs cannot be restored by this drtool version")
-    tgt = Path(target).absolute()
-    if tgt.exists() and any(tgt.iterdir()) and not force:
-        raise UsageError(f"restore target {tgt} is not empty: choose an empty directory, or pass --force to restore over it")
+def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, target: str | None, include: tuple[str, ...] = (),
+                  dry_run: bool = False, force: bool = False, rollback: bool = False, destroy_newer: bool = False) -> RestoreResult:
+    from .legs import driver_for
+
+    driver = driver_for(ctx, policy, leg)
+    driver.restore_preflight(target, force=force, rollback=rollback)
     point = resolve_point(ctx, policy, leg, selector)
-    res = RestoreResult(policy.name, leg.leg_name, point.id, point.time.isoformat(), str(tgt), dry_run, False, "")
+    res = RestoreResult(policy.name, leg.leg_name, point.id, point.time.isoformat(), target, dry_run, False, "")
     if dry_run:
-        res.ok = True
-        res.message = f"would restore {point.id[:8]} ({point.time:%Y-%m-%d %H:%M}Z, {', '.join(point.paths)}) into {tgt}" + (
+        how = "roll back to" if rollback else "restore"
+        res.ok, res.message = True, f"would {how} {point.id} ({point.time:%Y-%m-%d %H:%M}Z)" + (f" into {target}" if target else "") + (
             f", only {', '.join(include)}" if include else "")
         return res
-    repo = ctx.repo(leg.to)  # type: ignore[arg-type]
-    run = ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=leg.to, now=ctx.now())
+    run = ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=driver.location, now=ctx.now())
     t0 = time.monotonic()
     try:
-        tgt.mkdir(parents=True, exist_ok=True)
-        with ctx.ui.task(f"restore {point.id[:8]} → {tgt}"):
-            repo.restore(point.id, str(tgt), include=include)
-        res.duration_s = round(time.monotonic() - t0, 3)
-        entries = manifest_of(ctx, policy.name, leg.leg_name, point.id)
-        for e in entries:
-            if include and not any(e["path"] == i or e["path"].startswith(i.rstrip("/") + "/") for i in include):
-                continue
-            restored = tgt / e["path"].lstrip("/")
-            res.checked += 1
-            if not restored.is_file():
-                res.mismatches.append(f"{e['path']}: missing")
-            elif manifest.hash_file(str(restored)) != e["blake3"]:
-                res.mismatches.append(f"{e['path']}: BLAKE3 differs from the backup-time hash")
-        res.ok = not res.mismatches
-        proof = f"; {res.checked} file(s) checked against backup-time BLAKE3" if res.checked else "; no backup-time manifest for this point"
-        res.message = f"restored {point.id[:8]} into {tgt} in {res.duration_s:.1f}s" + proof + (
-            f": {len(res.mismatches)} mismatch(es): {'; '.join(res.mismatches[:5])}" if res.mismatches else "")
-        ctx.catalog.finish_run(run, RunPhase.succeeded if res.ok else RunPhase.failed, now=ctx.now(), recovery_point=point.id,
-                               command_log=_commands(repo), errors=res.mismatches[:50],
-                               detail={"target": str(tgt), "include": list(include), "checked": res.checked, "duration_s": res.duration_s})
-    except DrtoolError as exc:
-        ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=_commands(repo))
+        with ctx.ui.task(f"restore {point.id[:40]}" + (f" → {target}" if target else "")):
+            out = driver.restore(point, target, include=include, force=force, rollback=rollback, destroy_newer=destroy_newer)
+    except (DrtoolError, NotImplementedError) as exc:
+        ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=driver.commands())
+        if isinstance(exc, NotImplementedError):
+            raise UsageError(str(exc)) from None
         raise
+    res.duration_s = round(time.monotonic() - t0, 3)
+    mismatches = out.detail.get("mismatches") or []
+    res.ok = not mismatches
+    res.message = f"{out.message} in {res.duration_s:.1f}s"
+    res.detail = out.detail
+    ctx.catalog.finish_run(run, RunPhase.succeeded if res.ok else RunPhase.failed, now=ctx.now(), recovery_point=point.id,
+                           command_log=driver.commands(), errors=[str(m) for m in mismatches[:50]],
+                           detail={**out.detail, "target": target, "duration_s": res.duration_s})
     return res

@@ -263,9 +263,10 @@ class ZfsCli:
     """``zfs``/``zpool`` on this host, or on ``ssh`` (``user@host``). ``commands`` keeps
     the exec log entries of the last 500 commands (masked argv, code, duration)."""
 
-    def __init__(self, ssh: str | None = None, *, zfs: str | None = None, zpool: str | None = None,
-                 features: ZfsFeatures | None = None, timeout: float = CMD_TIMEOUT_S) -> None:
+    def __init__(self, ssh: str | None = None, *, ssh_options: Iterable[str] = (), zfs: str | None = None,
+                 zpool: str | None = None, features: ZfsFeatures | None = None, timeout: float = CMD_TIMEOUT_S) -> None:
         self.ssh, self.timeout, self._features = ssh, timeout, features
+        self.ssh_options = list(ssh_options)  # e.g. ["-p", "2222", "-i", KEY]: before the host
         self.zfs_bin = zfs or os.environ.get("DRTOOL_ZFS") or "zfs"
         self.zpool_bin = zpool or os.environ.get("DRTOOL_ZPOOL") or "zpool"
         self.commands: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
@@ -274,7 +275,7 @@ class ZfsCli:
         if self.ssh is None:
             return [binary, *args]
         remote = ["env", "LC_ALL=C", "TZ=UTC", binary, *args]
-        return ["ssh", "-o", "BatchMode=yes", self.ssh, "--", *(shlex.quote(a) for a in remote)]
+        return ["ssh", "-o", "BatchMode=yes", *self.ssh_options, self.ssh, "--", *(shlex.quote(a) for a in remote)]
 
     def _run(self, binary: str, *args: str, what: str | None = None, ok_if: str | None = None, **kw: Any) -> ex.CommandResult:
         """Run one command. With ``what``, a failure raises ``ZfsError("what: error")``,

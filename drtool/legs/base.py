@@ -66,6 +66,15 @@ class LegDriver:
         """One verification check at ``level`` (one of ``levels``): {level, ok, message, …}."""
         raise NotImplementedError
 
+    def restore_preflight(self, target: str | None, *, force: bool = False, rollback: bool = False) -> None:
+        """Refuse a restore that cannot or must not start (a usage error, not a run)."""
+
+    def restore(self, point: RecoveryPoint, target: str | None, *, include: tuple[str, ...] = (), force: bool = False,
+                rollback: bool = False, destroy_newer: bool = False) -> LegOutcome:
+        """Bring ``point`` back into ``target`` (a directory, or a dataset for ZFS) and
+        prove what came back. ``rollback``: in place, where the backend can (guarded)."""
+        raise NotImplementedError(f"{self.leg.kind} legs cannot be restored by this drtool version")
+
     def commands(self) -> list[dict[str, Any]]:
         """Drain the command log of the backends this driver used (argv masked)."""
         return []

@@ -12,7 +12,7 @@ import blake3
 
 from .. import manifest
 from ..backends.base import RecoveryPoint, Repository
-from ..errors import DrtoolError
+from ..errors import DrtoolError, UsageError
 from ..phases import RunPhase
 from .base import LegDriver, LegOutcome
 
@@ -70,6 +70,35 @@ class ResticBackupLeg(LegDriver):
         out = list(cmds)
         cmds.clear()
         return out
+
+    def restore_preflight(self, target: str | None, *, force: bool = False, rollback: bool = False) -> None:
+        if rollback or not target:
+            raise UsageError("a restic restore needs --target DIR (an empty directory); there is no in-place rollback")
+        tgt = Path(target).absolute()
+        if tgt.exists() and any(tgt.iterdir()) and not force:
+            raise UsageError(f"restore target {tgt} is not empty: choose an empty directory, or pass --force to restore over it")
+
+    def restore(self, point: RecoveryPoint, target: str | None, *, include: tuple[str, ...] = (), force: bool = False,
+                rollback: bool = False, destroy_newer: bool = False) -> LegOutcome:
+        """Into an empty directory (``force`` for a non-empty one); then every restored
+        file of the point's backup-time manifest is compared with its BLAKE3."""
+        self.restore_preflight(target, force=force, rollback=rollback)
+        tgt = Path(target).absolute()  # type: ignore[arg-type]
+        tgt.mkdir(parents=True, exist_ok=True)
+        self.repo.restore(point.id, str(tgt), include=include)
+        checked, mismatches = 0, []
+        for e in manifest_of(self.ctx, self.policy.name, self.leg.leg_name, point.id):
+            if include and not any(e["path"] == i or e["path"].startswith(i.rstrip("/") + "/") for i in include):
+                continue
+            restored = tgt / e["path"].lstrip("/")
+            checked += 1
+            if not restored.is_file():
+                mismatches.append(f"{e['path']}: missing")
+            elif manifest.hash_file(str(restored)) != e["blake3"]:
+                mismatches.append(f"{e['path']}: BLAKE3 differs from the backup-time hash")
+        proof = f"; {checked} file(s) checked against backup-time BLAKE3" if checked else "; no backup-time manifest for this point"
+        msg = f"restored {point.id[:8]} into {tgt}" + proof + (f": {len(mismatches)} mismatch(es): {'; '.join(mismatches[:5])}" if mismatches else "")
+        return LegOutcome(point=point, message=msg, detail={"checked": checked, "mismatches": mismatches, "include": list(include)})
 
     # -- verification -------------------------------------------------------------
 

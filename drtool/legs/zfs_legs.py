@@ -13,12 +13,15 @@ pinned by prune on both sides, so the chain cannot break.
 """
 from __future__ import annotations
 
+import random
+import secrets
 from datetime import datetime, timezone
 from typing import Any
 
 from ..backends.base import RecoveryPoint
 from ..backends.zfs import ZfsCli, ZfsDiverged, ZfsNotFound, ZfsSnapshot
-from ..errors import BackendError, ConfigError, SourceError
+from .. import exec as ex
+from ..errors import BackendError, ConfigError, SourceError, UsageError
 from ..policy.models import ZfsLocation
 from .base import LegDriver, LegOutcome
 
@@ -48,7 +51,7 @@ def _owned(snaps: list[ZfsSnapshot], policy: str | None = None, leg: str | None 
 
 
 class _ZfsLeg(LegDriver):
-    levels = ("integrity",)
+    levels: tuple[str, ...] = ("integrity",)
 
     def _cli(self, location: str) -> ZfsCli:
         cache = self.ctx._repos  # one ZfsCli per location, like repositories
@@ -140,9 +143,39 @@ class ZfsSnapshotLeg(_ZfsLeg):
     def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
         return self._pool_check(self._cli(self.location), self.source_dataset)
 
+    def restore_preflight(self, target: str | None, *, force: bool = False, rollback: bool = False) -> None:
+        if rollback and target not in (None, self.source_dataset):
+            raise UsageError(f"--rollback acts on the source dataset {self.source_dataset} in place: drop --target")
+        if not rollback:
+            pool = self.source_dataset.split("/")[0]
+            if not target or target.split("/")[0] != pool or "@" in target:
+                raise UsageError(f"restoring a snapshot clones it into a new dataset on the same pool: --target {pool}/<new-name>")
+            if self._cli(self.location).dataset_exists(target):
+                raise UsageError(f"{target} already exists: choose a new dataset name (a restore never overwrites)")
+
+    def restore(self, point: RecoveryPoint, target: str | None, *, include: tuple[str, ...] = (), force: bool = False,
+                rollback: bool = False, destroy_newer: bool = False) -> LegOutcome:
+        cli = self._cli(self.location)
+        self.restore_preflight(target, rollback=rollback)
+        if rollback:
+            newer = [s.name for s in cli.list_snapshots(self.source_dataset) if s.createtxg > int(point.meta.get("createtxg", 0))]
+            if newer and not destroy_newer:
+                raise UsageError(f"rolling back to {point.id} would destroy {len(newer)} newer snapshot(s) "
+                                 f"({', '.join(newer[:3])}{', …' if len(newer) > 3 else ''}): restore into a clone instead, "
+                                 "or pass --destroy-newer")
+            cli.rollback(point.id, destroy_newer=bool(newer))
+            return LegOutcome(point=point, message=f"rolled {self.source_dataset} back to {point.id}" + (f", destroying {len(newer)} newer snapshot(s)" if newer else ""),
+                              detail={"rollback": True, "destroyed": newer})
+        cli.clone(point.id, target)  # type: ignore[arg-type]
+        mountpoint = cli.get_property(target, "mountpoint")  # type: ignore[arg-type]
+        return LegOutcome(point=point, message=f"cloned {point.id} to {target} (mounted at {mountpoint})",
+                          detail={"dataset": target, "mountpoint": mountpoint, "origin": point.id})
+
 
 class ZfsReplicateLeg(_ZfsLeg):
     """replicate legs: ``zfs send [-I base] | zfs receive`` into a replica dataset."""
+
+    levels = ("integrity", "sample")
 
     @property
     def target_dataset(self) -> str:
@@ -247,6 +280,8 @@ class ZfsReplicateLeg(_ZfsLeg):
             dst.destroy_snapshot(pid)
 
     def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
+        if level == "sample":
+            return self._sample(points)
         src, dst = self._cli(self.policy.source.location), self._cli(self.leg.to)  # type: ignore[arg-type]
         pool = self._pool_check(dst, self.target_dataset)
         newest = points[-1]
@@ -260,3 +295,76 @@ class ZfsReplicateLeg(_ZfsLeg):
         pool["ok"] = pool["ok"] and guid_ok
         pool["message"] = f"{pool['message']}; {guid_msg}"
         return pool
+
+    def _sample(self, points: list[RecoveryPoint]) -> dict[str, Any]:
+        """Clone the newest common snapshot on both sides, hash a random sample of files
+        on each side (sha256sum, locally or over ssh), compare, destroy the clones."""
+        src, dst = self._cli(self.policy.source.location), self._cli(self.leg.to)  # type: ignore[arg-type]
+        source_by_guid = {s.guid: s for s in src.list_snapshots(self.source_dataset)}
+        common = [p for p in points if p.meta.get("guid") in source_by_guid]
+        if not common:
+            return {"level": "sample", "ok": False, "message": "no replica snapshot still exists on the source to compare with"}
+        replica = common[-1]
+        original = source_by_guid[replica.meta["guid"]]
+        tag = secrets.token_hex(3)
+        clones = [(src, original.name, f"{self.source_dataset.split('/')[0]}/drtool-verify-{tag}"),
+                  (dst, replica.id, f"{self.target_dataset.split('/')[0]}/drtool-verify-{tag}")]
+        made: list[tuple[ZfsCli, str]] = []
+        try:
+            mounts = []
+            for cli, snap, clone in clones:
+                cli.clone(snap, clone, properties={"readonly": "on"})
+                made.append((cli, clone))
+                mounts.append(cli.get_property(clone, "mountpoint") or "")
+            files = _run_tool(src, "find", mounts[0], "-type", "f", "-printf", "%P\\n").split("\n")
+            files = [f for f in files if f]
+            if not files:
+                return {"level": "sample", "ok": True, "message": f"sample: {original.snap} holds no files to compare", "files": 0}
+            chosen = random.Random().sample(files, min(self.leg.verify.sample_files, len(files)))
+            sums = [_sha256(cli, mount, chosen) for (cli, _, _), mount in zip(clones, mounts)]
+            bad = [f for f in chosen if sums[0].get(f) != sums[1].get(f)]
+        finally:
+            for cli, clone in reversed(made):
+                cli.destroy_dataset(clone)
+        ok = not bad
+        msg = (f"sample: {len(chosen)} file(s) of {original.snap} hash the same on the source and the replica" if ok
+               else f"sample: {len(bad)} of {len(chosen)} file(s) of {original.snap} differ between source and replica: {', '.join(bad[:5])}")
+        return {"level": "sample", "ok": ok, "message": msg, "files": len(chosen), "mismatches": bad[:50], "snapshot": original.snap}
+
+    def restore_preflight(self, target: str | None, *, force: bool = False, rollback: bool = False) -> None:
+        if rollback:
+            raise UsageError("a replica cannot be rolled back into the source: restore it into a new dataset with --target")
+        if not target or "@" in target:
+            raise UsageError(f"receiving a replica back needs --target <new dataset> on {self.policy.source.location}")
+        if self._cli(self.policy.source.location).dataset_exists(target):
+            raise UsageError(f"{target} already exists: choose a new dataset name (a restore never overwrites)")
+
+    def restore(self, point: RecoveryPoint, target: str | None, *, include: tuple[str, ...] = (), force: bool = False,
+                rollback: bool = False, destroy_newer: bool = False) -> LegOutcome:
+        """Receive the replica snapshot back onto the source location as a new dataset."""
+        self.restore_preflight(target, rollback=rollback)
+        src, dst = self._cli(self.policy.source.location), self._cli(self.leg.to)  # type: ignore[arg-type]
+        result = dst.send_receive(point.id, target, target=src)  # type: ignore[arg-type]
+        snap = point.id.split("@", 1)[1]
+        back = next((s for s in src.list_snapshots(target) if s.snap == snap), None)  # type: ignore[arg-type]
+        if back is None or back.guid != point.meta.get("guid"):
+            raise BackendError(f"received {point.id} into {target}, but its snapshot guid does not match the replica's")
+        return LegOutcome(point=point, bytes_processed=result.bytes,
+                          message=f"received {point.id} back into {target} ({result.bytes} bytes; guid matches)",
+                          detail={"dataset": target, "bytes": result.bytes, "guid": back.guid})
+
+
+def _run_tool(cli: ZfsCli, binary: str, *args: str) -> str:
+    """Run a plain tool where this ZfsCli runs zfs (locally, or over its ssh)."""
+    res = ex.run(cli.argv(binary, *args), timeout=600)
+    cli.commands.append(res.log_entry())
+    return res.stdout or ""
+
+
+def _sha256(cli: ZfsCli, mount: str, files: list[str]) -> dict[str, str]:
+    out = _run_tool(cli, "sha256sum", "--", *(f"{mount}/{f}" for f in files))
+    sums = {}
+    for line in out.splitlines():
+        digest, _, path = line.partition("  ")
+        sums[path[len(mount) + 1:]] = digest
+    return sums

@@ -294,14 +294,14 @@ def test_restore_latest_and_by_id_with_proof(lab):
     plan = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--point", first[:10], "--target", str(lab.root / "r1"), "--dry-run")
     assert plan["point"] == first and not (lab.root / "r1").exists()
     doc = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--point", first[:10], "--target", str(lab.root / "r1"))
-    assert doc["ok"] and doc["checked"] == 8 and doc["mismatches"] == []
+    assert doc["ok"] and doc["detail"]["checked"] == 8 and doc["detail"]["mismatches"] == []
     assert _digest(lab.root / "r1" / str(lab.source).lstrip("/")) == original
 
     # a non-empty target is refused without --force; one leg must be chosen
     proc = lab.drtool("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r1"), check=2)
     assert "is not empty" in proc.stderr
     proc = lab.drtool("restore", "--policy", "docs", "--target", str(lab.root / "r2"), check=2)
-    assert "choose the copy to restore from with --leg" in proc.stderr
+    assert "choose the leg to restore from with --leg" in proc.stderr
 
     one = str(lab.source / "d0" / "f0.bin")
     doc = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r3"), "--include", one)

@@ -173,3 +173,39 @@ def test_replicate_needs_a_snapshot_leg(zlab):
     zlab.config.write_text(text)
     proc = zlab.drtool("policy", "validate", check=2)
     assert "a replicate leg sends the policy's own snapshots: add a snapshot leg" in proc.stderr
+
+
+def test_restore_clone_rollback_and_receive_back(zlab):
+    _run(zlab)
+    v1 = _tree(zlab.data_dir)
+    (zlab.data_dir / "file0.txt").write_text("version 2\n")
+    _run(zlab)
+    v2 = _tree(zlab.data_dir)
+    assert v1 != v2
+    src_pool, dst_pool = zlab.pools
+
+    # sample verification: clones on both sides, hashes compared, clones destroyed
+    ver = zlab.json("verify", "--leg", "replicate-backup", "--level", "sample")["verifications"][0]
+    assert ver["ok"], ver
+    sample = next(c for c in ver["checks"] if c["level"] == "sample")
+    assert sample["files"] == 5 and "hash the same on the source and the replica" in sample["message"]
+    assert "drtool-verify" not in _zfs("list", "-H", "-o", "name")
+
+    # clone restore of the first snapshot (the default): a new dataset with the old content
+    first = zlab.snaps(zlab.source)[0].split("@")[1]
+    doc = zlab.json("restore", "--policy", "docs", "--leg", "snapshot", "--point", first, "--target", f"{src_pool}/docs-v1")
+    assert doc["ok"] and _tree(zlab.mount(src_pool) / "docs-v1") == v1
+
+    # receive back from the replica: a new dataset on the source pool, guid-checked
+    doc = zlab.json("restore", "--policy", "docs", "--leg", "replicate-backup", "--target", f"{src_pool}/docs-from-replica")
+    assert doc["ok"] and "guid matches" in doc["message"]
+    assert _tree(zlab.mount(src_pool) / "docs-from-replica") == v2
+
+    # a restore never overwrites: an existing target is refused before anything runs
+    proc = zlab.drtool("restore", "--policy", "docs", "--leg", "snapshot", "--target", f"{src_pool}/docs-v1", check=2)
+    assert "already exists" in proc.stderr
+
+    # rollback is guarded: newer snapshots would be destroyed
+    proc = zlab.drtool("restore", "--policy", "docs", "--leg", "snapshot", "--point", first, "--rollback", check=2)
+    assert "would destroy 1 newer snapshot" in proc.stderr
+    assert _tree(zlab.data_dir) == v2
