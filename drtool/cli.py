@@ -225,14 +225,16 @@ def _select_legs(cfg: Any, policy_name: str | None, leg_name: str | None) -> lis
 @click.option("--leg", "leg_name", help="Only this leg.")
 @click.option("--dry-run", is_flag=True, help="Show what would run; change nothing.")
 @click.option("--no-verify", is_flag=True, help="Do not run verifications that are due after the legs.")
+@click.option("--force", is_flag=True, help="Let a leg overwrite a diverged target (zfs: receive -F). Data there is lost.")
 @json_option
 @pass_state
-def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool, no_verify: bool) -> None:
+def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool, no_verify: bool, force: bool) -> None:
     """Run policy legs now, then the verifications that are due."""
     from .engine import run_leg
     from .verify import verify_due, verify_leg
 
     ctx = st.ctx()
+    ctx.force = force
     results, verifications = [], []
     for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
         r = run_leg(ctx, pol, leg, dry_run=dry_run)

@@ -45,6 +45,7 @@ class Context:
     clock: Callable[[], datetime] = utcnow
     repo_factory: Callable[[str, Any], Repository] = repository_for
     catalog_url: str | None = None
+    force: bool = False  # `drtool run --force`: allow a leg to overwrite a diverged target (zfs receive -F)
     _catalog: "Catalog | None" = None
     _repos: dict[str, Repository] = field(default_factory=dict)
 

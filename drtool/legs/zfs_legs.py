@@ -13,6 +13,7 @@ pinned by prune on both sides, so the chain cannot break.
 """
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 from datetime import datetime, timezone
@@ -24,6 +25,8 @@ from .. import exec as ex
 from ..errors import BackendError, ConfigError, SourceError, UsageError
 from ..policy.models import ZfsLocation
 from .base import LegDriver, LegOutcome
+
+log = logging.getLogger("drtool.zfs")
 
 PROP_POLICY = "drtool:policy"
 PROP_LEG = "drtool:leg"
@@ -217,14 +220,25 @@ class ZfsReplicateLeg(_ZfsLeg):
         if newest.guid in by_guid:
             point = self._tag_and_hold(src, dst, newest, by_guid[newest.guid], previous=None)
             return LegOutcome(point=point, message=f"{tds} is up to date: {newest.snap} is already replicated")
-        if exists and not common:
+        force = self.ctx.force
+        if exists and not common and not force:
             raise ZfsDiverged(
                 f"{tds} exists on {self.leg.to} but shares no snapshot with {ds}: drtool will not overwrite it. "
-                f"Fix: rename or destroy {tds} (zfs rename / zfs destroy -r) and run again for a full send", "")
+                f"Fix: rename or destroy {tds} (zfs rename / zfs destroy -r) and run again for a full send, "
+                "or run with --force to overwrite it (its data and snapshots are lost)", "")
         base = common[-1] if common else None
         with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: zfs send {newest.snap} → {self.leg.to}") as task:
-            result = src.send_receive(newest.name, tds, base=base.name if base else None, incremental_all=True, target=dst,
-                                      progress=lambda d: task.update(completed=d.get("bytes", 0)))
+            def send(force_receive: bool) -> Any:
+                return src.send_receive(newest.name, tds, base=base.name if base else None, incremental_all=True, target=dst,
+                                        force=force_receive, progress=lambda d: task.update(completed=d.get("bytes", 0)))
+            try:
+                result = send(force and exists and not common)
+            except ZfsDiverged as exc:
+                if not force:
+                    raise ZfsDiverged(f"{exc} (or run with --force to roll the replica back: its changes since "
+                                      f"{base.snap if base else 'its last snapshot'} are lost)", exc.stderr) from None
+                log.warning("%s/%s: --force: receiving with -F into %s after: %s", self.policy.name, self.leg.leg_name, tds, exc)
+                result = send(True)
         if not exists:
             dst.set_property(tds, "readonly", "on")
             dst.set_property(tds, PROP_REPLICA_OF, f"{self.policy.name}/{self.leg.leg_name}")

@@ -164,8 +164,25 @@ def test_diverged_replica_is_a_clear_error_and_nothing_is_destroyed(zlab):
     before = zlab.snaps(zlab.replica)
     proc = zlab.drtool("run", check=3)  # the snapshot leg succeeds, the replicate leg fails
     assert "has been modified" in proc.stdout or "diverged" in proc.stdout.lower(), proc.stdout
+    assert "--force" in proc.stdout  # the message names the way out, and what it costs
     assert zlab.snaps(zlab.replica) == before
     assert (zlab.mount(zlab.pools[1]) / "docs" / "intruder.txt").exists()
+
+    # --force: the replica takes the increment (receive -F when zfs still refuses it); its
+    # newest snapshot then holds exactly the source's data. (zfs-fuse may accept the plain
+    # incremental on a retry and keep showing the stray file in the live mount, so the proof
+    # reads the snapshot through a clone, as a restore would.)
+    time.sleep(1.1)
+    doc = zlab.json("run", "--leg", "replicate-backup", "--force")
+    assert doc["results"][0]["phase"] == "succeeded", doc
+    newest = zlab.snaps(zlab.replica)[-1]
+    assert newest.split("@")[1] == zlab.snaps(zlab.source)[-1].split("@")[1]
+    clone = f"{zlab.pools[1]}/force-check"
+    _zfs("clone", newest, clone)
+    try:
+        assert _tree(zlab.mount(zlab.pools[1]) / "force-check") == _tree(zlab.data_dir)
+    finally:
+        subprocess.run(["zfs", "destroy", clone], capture_output=True)
 
 
 def test_replicate_needs_a_snapshot_leg(zlab):
@@ -209,3 +226,23 @@ def test_restore_clone_rollback_and_receive_back(zlab):
     proc = zlab.drtool("restore", "--policy", "docs", "--leg", "snapshot", "--point", first, "--rollback", check=2)
     assert "would destroy 1 newer snapshot" in proc.stderr
     assert _tree(zlab.data_dir) == v2
+
+
+def test_unrelated_replica_is_refused_then_overwritten_only_with_force(zlab):
+    src_pool, dst_pool = zlab.pools
+    _zfs("create", zlab.replica)
+    (zlab.mount(dst_pool) / "docs" / "someone-elses.txt").write_text("not drtool's")
+    proc = zlab.drtool("run", check=3)
+    assert "shares no snapshot" in proc.stdout and "--force" in proc.stdout
+    assert (zlab.mount(dst_pool) / "docs" / "someone-elses.txt").exists()  # nothing destroyed
+    time.sleep(1.1)
+    doc = zlab.json("run", "--leg", "replicate-backup", "--force", check=None)
+    result = doc["results"][0]
+    if result["phase"] != "succeeded":  # zfs refuses -F onto a dataset with snapshots: the message must say so
+        pytest.fail(f"--force did not overwrite the unrelated replica: {result['message']}")
+    clone = f"{dst_pool}/force-check"
+    _zfs("clone", zlab.snaps(zlab.replica)[-1], clone)
+    try:
+        assert _tree(zlab.mount(dst_pool) / "force-check") == _tree(zlab.data_dir)
+    finally:
+        subprocess.run(["zfs", "destroy", clone], capture_output=True)
