@@ -288,6 +288,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             if "replicate" in kinds and "snapshot" not in kinds:
                 line, dotted = _node_line(tree, ("policies", i, "legs", kinds.index("replicate"), "kind"))
                 issues.append(Issue(str(f), line, dotted, "a replicate leg sends the policy's own snapshots: add a snapshot leg to this policy"))
+            if "replicate" in kinds and isinstance(source, CommentedMap) and source.get("recursive") is True:
+                line, dotted = _node_line(tree, ("policies", i, "source", "recursive"))
+                issues.append(Issue(str(f), line, dotted, "replicating a recursive source (its child datasets) is not supported yet: "
+                                    "it would copy the top dataset only; write one policy per dataset"))
             for j, leg in enumerate(legs):
                 if not isinstance(leg, CommentedMap):
                     continue

@@ -99,6 +99,44 @@ def test_specific_errors_name_the_fix(tmp_path, old, new, expected):
     assert all(e.startswith(str(tmp_path / "p.yaml") + ":") for e in errs)
 
 
+ZFS = dedent("""\
+    version: 1
+    locations:
+      tank: {type: zfs, dataset: tank, media: hdd, site: home, failure_domain: nas01}
+      backup: {type: zfs, dataset: backup, media: hdd, site: home, failure_domain: backup01}
+    policies:
+      - name: docs
+        source: {location: tank, dataset: tank/docs, recursive: true}
+        rpo: 1h
+        rto: 1h
+        legs:
+          - {kind: snapshot, schedule: "@hourly"}
+          - {kind: replicate, to: backup, schedule: "@daily"}
+""")
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("recursive: true", "recursive: false", None),
+        ("", "", "replicating a recursive source (its child datasets) is not supported yet"),
+        ("dataset: tank/docs", "dataset: other/docs", "is not under the location's dataset 'tank'"),
+        ("      - {kind: snapshot, schedule: \"@hourly\"}\n", "", "a replicate leg sends the policy's own snapshots: add a snapshot leg"),
+        ("to: backup", "to: tank", "targets the source's own location"),
+    ],
+)
+def test_zfs_policy_checks(tmp_path, old, new, expected):
+    assert not old or old in ZFS, "the replacement must change the file"
+    text = ZFS.replace(old, new, 1) if old else ZFS
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    if expected is None:
+        load_config(f)
+        return
+    errs = _errors(tmp_path, text)
+    assert any(expected in e for e in errs), errs
+
+
 def test_yaml_syntax_error_has_a_line(tmp_path):
     errs = _errors(tmp_path, "version: 1\npolicies:\n  - name: [unclosed\n")
     assert errs[0].startswith(str(tmp_path / "p.yaml") + ":") and "YAML syntax" in errs[0]
