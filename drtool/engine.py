@@ -47,7 +47,7 @@ class Context:
     catalog_url: str | None = None
     force: bool = False  # `drtool run --force`: allow a leg to overwrite a diverged target (zfs receive -F)
     _catalog: "Catalog | None" = None
-    _repos: dict[str, Repository] = field(default_factory=dict)
+    _backends: dict[str, Any] = field(default_factory=dict)
 
     @property
     def catalog(self) -> "Catalog":
@@ -61,10 +61,14 @@ class Context:
     def now(self) -> datetime:
         return self.clock()
 
+    def backend(self, key: str, factory: Callable[[], Any]) -> Any:
+        """One backend object per key for the whole command (command logs, cached features)."""
+        if key not in self._backends:
+            self._backends[key] = factory()
+        return self._backends[key]
+
     def repo(self, location: str) -> Repository:
-        if location not in self._repos:
-            self._repos[location] = self.repo_factory(location, self.cfg.location(location))
-        return self._repos[location]
+        return self.backend(f"repo:{location}", lambda: self.repo_factory(location, self.cfg.location(location)))
 
 
 @dataclass
@@ -83,15 +87,6 @@ class LegResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _commands(repo: Any) -> list[dict[str, Any]]:
-    cmds = getattr(repo, "commands", None)
-    if cmds is None:
-        return []
-    out = list(cmds)
-    cmds.clear()
-    return out
 
 
 # --------------------------------------------------------------------------- run

@@ -57,14 +57,10 @@ class _ZfsLeg(LegDriver):
     levels: tuple[str, ...] = ("integrity",)
 
     def _cli(self, location: str) -> ZfsCli:
-        cache = self.ctx._repos  # one ZfsCli per location, like repositories
-        key = f"zfs:{location}"
-        if key not in cache:
-            loc = self.ctx.cfg.location(location)
-            if not isinstance(loc, ZfsLocation):
-                raise ConfigError(f"location {location} is not a zfs location")
-            cache[key] = ZfsCli(ssh=loc.ssh, ssh_options=loc.ssh_options)  # type: ignore[assignment]
-        return cache[key]  # type: ignore[return-value]
+        loc = self.ctx.cfg.location(location)
+        if not isinstance(loc, ZfsLocation):
+            raise ConfigError(f"location {location} is not a zfs location")
+        return self.ctx.backend(f"zfs:{location}", lambda: ZfsCli(ssh=loc.ssh, ssh_options=loc.ssh_options))
 
     @property
     def source_dataset(self) -> str:
