@@ -79,6 +79,25 @@ def zfs():
         helper.stop()
 
 
+@pytest.fixture(scope="session")
+def sshd():
+    """A throwaway sshd on 127.0.0.1 for the session (tests/services/sshd.py): a drtool
+    location reaches this host through it with ``ssh: sshd.ssh`` (root@127.0.0.1) and
+    ``ssh_options: sshd.ssh_options`` (port, client key). Skips without openssh-server,
+    fails under DRTOOL_TEST_REQUIRE=all."""
+    from services.sshd import Sshd, SshdUnavailable
+
+    try:
+        server = Sshd()
+    except SshdUnavailable as e:
+        missing("sshd", str(e))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path_factory, monkeypatch):
     """Every test gets its own state dir and catalog; nothing touches ~/.local."""

@@ -1,0 +1,227 @@
+"""A throwaway OpenSSH server on 127.0.0.1 for tests of drtool's remote (``ssh:``) paths.
+
+``Sshd.start()`` makes a temp dir holding its own config, a fresh host key and a
+fresh client key pair (the client's ``.pub`` is the only authorized key), then runs
+``sshd -D -f CONF -e`` as a plain process (own session, log in the temp dir) on a
+free port bound to 127.0.0.1 only, and waits until the port answers with an SSH
+banner. ``stop()`` ends it (SIGTERM, SIGKILL fallback; liveness read from
+``/proc/PID/stat``, since zombies answer ``kill -0``) and removes the temp dir.
+
+The login user is the current one (root on our machines: the server has to run
+as root to log anyone in, and zfs needs root anyway). A drtool location reaches it
+with ``ssh: <user>@127.0.0.1`` and ``ssh_options: <Sshd.ssh_options>`` (port, the
+client key, no known_hosts bookkeeping).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["Sshd", "SshdUnavailable"]
+
+READY_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+PRIVSEP_DIR = Path("/run/sshd")  # Debian's sshd refuses to start without it
+
+
+class SshdUnavailable(RuntimeError):
+    """sshd cannot run here (openssh-server or -client missing, or not root). A server
+    that is there but fails to start raises a plain RuntimeError (a real failure)."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    """True when ``pid`` runs and is not a zombie (``kill -0`` answers for zombies)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _banner(port: int) -> bool:
+    """True once 127.0.0.1:port accepts a connection and speaks SSH."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+class Sshd:
+    """One sshd on 127.0.0.1; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.sshd_bin = shutil.which("sshd") or next(
+            (p for p in ("/usr/sbin/sshd", "/sbin/sshd") if os.access(p, os.X_OK)), None)
+        missing = [name for name, path in (("sshd", self.sshd_bin), ("ssh", shutil.which("ssh")),
+                                           ("ssh-keygen", shutil.which("ssh-keygen"))) if path is None]
+        if missing:
+            raise SshdUnavailable(f"{', '.join(missing)} not found (apt-get install openssh-server openssh-client)")
+        if os.geteuid() != 0:
+            raise SshdUnavailable("sshd has to run as root to log a user in")
+        self.user = pwd.getpwuid(os.geteuid()).pw_name
+        self.root: Path | None = None
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    # -- what a client needs ------------------------------------------------- #
+
+    @property
+    def host(self) -> str:
+        """``user@127.0.0.1``: a drtool location's ``ssh:``."""
+        return f"{self.user}@127.0.0.1"
+
+    ssh = host
+
+    @property
+    def client_key(self) -> Path:
+        assert self.root is not None
+        return self.root / "client_ed25519"
+
+    @property
+    def ssh_options(self) -> list[str]:
+        """A drtool location's ``ssh_options:``: port, identity, no host key bookkeeping."""
+        assert self.port is not None, "start() first"
+        return ["-p", str(self.port), "-i", str(self.client_key), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+
+    def ssh_argv(self, *remote: str) -> list[str]:
+        """``ssh`` argv running ``remote`` (one shell command line) on this server."""
+        return ["ssh", "-o", "BatchMode=yes", *self.ssh_options, self.host, "--", *remote]
+
+    @property
+    def log_path(self) -> Path:
+        assert self.root is not None
+        return self.root / "sshd.log"
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except (OSError, AssertionError):
+            return "(no log)"
+
+    # -- lifecycle ----------------------------------------------------------- #
+
+    def start(self) -> Sshd:
+        self.root = Path(tempfile.mkdtemp(prefix="drtool-sshd-"))
+        atexit.register(self.stop)
+        try:
+            PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+            for key in (self.root / "host_ed25519", self.client_key):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "drtool-test", "-f", str(key)],
+                               stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=30)
+            shutil.copyfile(self.client_key.with_suffix(".pub"), self.root / "authorized_keys")
+            for _ in range(3):  # the free port can be taken before sshd binds it
+                if self._launch():
+                    return self
+                if "Address already in use" not in self.log_tail():
+                    break
+            raise RuntimeError(f"sshd did not accept connections on 127.0.0.1:{self.port}: {self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _config(self) -> str:
+        assert self.root is not None
+        return "\n".join([
+            f"Port {self.port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {self.root / 'host_ed25519'}",
+            f"PidFile {self.root / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
+            "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "X11Forwarding no",
+            "AllowTcpForwarding no",
+            "MaxStartups 100",  # drtool opens one connection per command, two at a time for send|receive
+            # Speed only (every zfs command is one login): a classic key exchange instead of
+            # the post-quantum default (~0.13 s less per connection on loopback), and SHLVL=1
+            # so that bash does not source the login user's ~/.bashrc for each remote command
+            # (a developer's pyenv/conda init costs ~0.2 s). The remote PATH is sshd's default.
+            "KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org",
+            "SetEnv SHLVL=1",
+            "LogLevel INFO",
+            "",
+        ])
+
+    def _launch(self) -> bool:
+        """Start sshd on a fresh free port; True once it answers with an SSH banner."""
+        assert self.root is not None
+        self._stop_proc()
+        self.port = _free_port()
+        conf = self.root / "sshd_config"
+        conf.write_text(self._config())
+        if self._log is not None:
+            self._log.close()
+        self._log = open(self.log_path, "ab")
+        test = subprocess.run([self.sshd_bin, "-t", "-f", str(conf)], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=30)
+        if test.returncode != 0:
+            raise RuntimeError(f"sshd -t rejected the config: {test.stderr.strip()}")
+        self.proc = subprocess.Popen(  # an absolute path: sshd re-executes itself per connection
+            [self.sshd_bin, "-D", "-f", str(conf), "-e"], cwd=self.root,
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if _banner(self.port):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _stop_proc(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT_S)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop sshd and remove the temp dir (keys included). Idempotent."""
+        atexit.unregister(self.stop)
+        if self.root is None:
+            return
+        try:
+            self._stop_proc()
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+    def __enter__(self) -> Sshd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
