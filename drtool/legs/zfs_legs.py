@@ -104,12 +104,13 @@ class ZfsSnapshotLeg(_ZfsLeg):
     def run(self, rec: Any) -> LegOutcome:
         cli = self._cli(self.policy.source.location)
         ds = self.source_dataset
-        if not cli.dataset_exists(ds):
-            raise SourceError(f"source dataset {ds} does not exist (is the pool imported?)")
         rec.start()
         name = snapshot_name(self.policy.name, self.ctx.now())
-        full = cli.snapshot(ds, name, recursive=self.policy.source.recursive,
-                            properties={PROP_POLICY: self.policy.name, PROP_LEG: self.leg.leg_name})
+        try:
+            full = cli.snapshot(ds, name, recursive=self.policy.source.recursive,
+                                properties={PROP_POLICY: self.policy.name, PROP_LEG: self.leg.leg_name})
+        except ZfsNotFound:
+            raise SourceError(f"source dataset {ds} does not exist (is the pool imported?)") from None
         snap = next((s for s in cli.list_snapshots(ds) if s.name == full), None)
         if snap is None:
             raise BackendError(f"zfs reported snapshot {full} made, but listing {ds} does not show it")
@@ -202,15 +203,18 @@ class ZfsReplicateLeg(_ZfsLeg):
     def run(self, rec: Any) -> LegOutcome:
         src, dst = self._cli(self.policy.source.location), self._cli(self.leg.to)  # type: ignore[arg-type]
         ds, tds = self.source_dataset, self.target_dataset
-        if not src.dataset_exists(ds):
-            raise SourceError(f"source dataset {ds} does not exist (is the pool imported?)")
-        source_snaps = _owned(src.list_snapshots(ds), self.policy.name, self._snapshot_leg())
+        try:
+            source_snaps = _owned(src.list_snapshots(ds), self.policy.name, self._snapshot_leg())
+        except ZfsNotFound:
+            raise SourceError(f"source dataset {ds} does not exist (is the pool imported?)") from None
         if not source_snaps:
             raise SourceError(f"{ds} has no snapshot of {self.policy.name}/{self._snapshot_leg()} to replicate yet: run the snapshot leg first")
         newest = source_snaps[-1]
         rec.start()
-        exists = dst.dataset_exists(tds)
-        target_snaps = dst.list_snapshots(tds) if exists else []
+        try:
+            target_snaps, exists = dst.list_snapshots(tds), True
+        except ZfsNotFound:
+            target_snaps, exists = [], False
         by_guid = {s.guid: s for s in target_snaps}
         common = [s for s in source_snaps if s.guid in by_guid]
         if newest.guid in by_guid:
@@ -256,14 +260,15 @@ class ZfsReplicateLeg(_ZfsLeg):
     def _tag_and_hold(self, src: ZfsCli, dst: ZfsCli, newest: ZfsSnapshot, replica: ZfsSnapshot, previous: Any) -> RecoveryPoint:
         """Hold the new common snapshot on both sides, then release the previous base."""
         src.hold(self.hold_tag, newest.name)
-        dst.hold(self.hold_tag, replica.name)
+        placed = dst.hold(self.hold_tag, replica.name)
         if previous:
             old_src, old_dst = previous
             src.release(self.hold_tag, old_src.name, missing_ok=True)
             if old_dst is not None:
                 dst.release(self.hold_tag, old_dst.name, missing_ok=True)
-        fresh = next(s for s in dst.list_snapshots(self.target_dataset) if s.guid == replica.guid)
-        return _point(fresh, self.leg.to, self.policy.name, self.leg.leg_name)  # type: ignore[arg-type]
+        point = _point(replica, self.leg.to, self.policy.name, self.leg.leg_name)  # type: ignore[arg-type]
+        point.meta["userrefs"] = replica.userrefs + (1 if placed else 0)
+        return point
 
     def points(self) -> list[RecoveryPoint]:
         dst = self._cli(self.leg.to)  # type: ignore[arg-type]

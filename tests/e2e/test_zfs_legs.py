@@ -246,3 +246,10 @@ def test_unrelated_replica_is_refused_then_overwritten_only_with_force(zlab):
         assert _tree(zlab.mount(dst_pool) / "force-check") == _tree(zlab.data_dir)
     finally:
         subprocess.run(["zfs", "destroy", clone], capture_output=True)
+
+
+def test_missing_source_dataset_is_a_failed_run(zlab):
+    zlab.config.write_text(zlab.config.read_text().replace(f"dataset: {zlab.source}}}", f"dataset: {zlab.source}-gone}}"))
+    doc = zlab.json("run", check=1)
+    assert [r["phase"] for r in doc["results"]] == ["failed", "failed"]
+    assert all("does not exist" in r["message"] for r in doc["results"]), doc
