@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .backends import repository_for
 from .backends.base import RecoveryPoint, Repository
 from .errors import DrtoolError, LockHeld
+from .exec import pid_alive
 from .locks import leg_lock
 from .phases import RunPhase
 from .policy.loader import Config
@@ -92,14 +93,6 @@ class LegResult:
 # --------------------------------------------------------------------------- run
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def reap_orphan_runs(ctx: Context) -> int:
     """Runs left 'running' by a drtool on this host that died (SIGKILL, power loss)
     are closed as failed, so history never shows a run that is still going."""
@@ -108,7 +101,7 @@ def reap_orphan_runs(ctx: Context) -> int:
     host = socket.gethostname()
     n = 0
     for run in ctx.catalog.runs(limit=200):
-        if run.phase == RunPhase.running.value and run.host == host and run.pid != os.getpid() and not _pid_alive(run.pid):
+        if run.phase == RunPhase.running.value and run.host == host and run.pid != os.getpid() and not pid_alive(run.pid):
             ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[f"interrupted: drtool process {run.pid} died before the run finished"])
             log.warning("run %s (%s/%s) was interrupted: PID %s died; recorded as failed", run.uuid[:8], run.policy, run.leg, run.pid)
             n += 1

@@ -125,6 +125,17 @@ class CommandResult:
         return {"argv": self.argv, "returncode": self.returncode, "duration_s": round(self.duration_s, 3)}
 
 
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (zombies answer ``kill -0``; PID 1 in
+    containers reaps slowly). Used to tell stale locks and orphaned runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 _live: set[subprocess.Popen] = set()
 _live_lock = threading.Lock()
 

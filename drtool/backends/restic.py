@@ -55,16 +55,6 @@ def parse_restic_time(text: str) -> datetime:
     return datetime.fromisoformat(f"{base}{frac}{zone}").astimezone(timezone.utc)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Alive and not a zombie (PID 1 here reaps slowly; zombies answer kill -0)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 class ResticRepository:
     """A restic repository named by a ``type: restic`` location."""
 
@@ -174,7 +164,7 @@ class ResticRepository:
         host = socket.gethostname()
         stale = [
             lk for lk in self.locks()
-            if lk.get("hostname") == host and isinstance(lk.get("pid"), int) and not _pid_alive(lk["pid"])
+            if lk.get("hostname") == host and isinstance(lk.get("pid"), int) and not ex.pid_alive(lk["pid"])
         ]
         if stale:
             self._run(["unlock"], retry_stale=False)

@@ -13,13 +13,14 @@ test with :meth:`PostgresServer.create_database`.
 """
 from __future__ import annotations
 
+from services.common import alive, free_port, log_tail
+
 import atexit
 import glob
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -58,19 +59,6 @@ def _scratch_parent() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    """True when ``pid`` runs and is not a zombie (``kill -0`` answers for zombies)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 class PostgresServer:
@@ -115,10 +103,7 @@ class PostgresServer:
         return argv
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except (OSError, AssertionError):
-            return "(no log)"
+        return log_tail(self.log_path if self.root is not None else None, n)
 
     # -- lifecycle ----------------------------------------------------------- #
 
@@ -151,7 +136,7 @@ class PostgresServer:
     def _launch(self) -> bool:
         """Start postgres on a fresh free port; True once it accepts connections."""
         self._reap()
-        self.port = _free_port()
+        self.port = free_port()
         if self._log is not None:
             self._log.close()
         self._log = open(self.log_path, "ab")
@@ -185,9 +170,9 @@ class PostgresServer:
     def _reap(self) -> None:
         """Make sure no postgres of ours is left running (after a failed launch)."""
         pid = self._postmaster_pid()
-        if pid is not None and _alive(pid):
+        if pid is not None and alive(pid):
             self._pg_ctl_stop()
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGQUIT)  # immediate shutdown; children follow
         if self.proc is not None:
             try:

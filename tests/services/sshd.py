@@ -14,6 +14,8 @@ client key, no known_hosts bookkeeping).
 """
 from __future__ import annotations
 
+from services.common import alive, free_port, log_tail
+
 import atexit
 import os
 import pwd
@@ -37,19 +39,6 @@ class SshdUnavailable(RuntimeError):
     that is there but fails to start raises a plain RuntimeError (a real failure)."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    """True when ``pid`` runs and is not a zombie (``kill -0`` answers for zombies)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _banner(port: int) -> bool:
@@ -110,10 +99,7 @@ class Sshd:
         return self.root / "sshd.log"
 
     def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except (OSError, AssertionError):
-            return "(no log)"
+        return log_tail(self.log_path if self.root is not None else None, n)
 
     # -- lifecycle ----------------------------------------------------------- #
 
@@ -169,7 +155,7 @@ class Sshd:
         """Start sshd on a fresh free port; True once it answers with an SSH banner."""
         assert self.root is not None
         self._stop_proc()
-        self.port = _free_port()
+        self.port = free_port()
         conf = self.root / "sshd_config"
         conf.write_text(self._config())
         if self._log is not None:
@@ -203,7 +189,7 @@ class Sshd:
                 proc.kill()
                 proc.wait(timeout=STOP_TIMEOUT_S)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _alive(proc.pid) and time.monotonic() < deadline:
+        while alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def stop(self) -> None:

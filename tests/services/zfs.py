@@ -15,6 +15,8 @@ recognised by that name pattern and destroyed at start once their PID is dead.
 """
 from __future__ import annotations
 
+from services.common import alive, log_tail
+
 import atexit
 import os
 import re
@@ -37,14 +39,6 @@ _OURS = re.compile(r"^.+-dt(\d+)-[0-9a-f]{6}$")  # <prefix>-dt<PID>-<random>
 class ZfsUnavailable(RuntimeError):
     """zfs-fuse cannot run here (binaries, root or /dev/fuse missing, or it failed to start)."""
 
-
-def _alive(pid: int) -> bool:
-    """True when ``pid`` runs and is not a zombie (``kill -0`` answers for zombies)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _destroy_pool(name: str, check: bool = False) -> None:
@@ -102,10 +96,7 @@ class ZfsFuse:
         return self.root / "zfs-fuse.log"
 
     def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except (OSError, AssertionError):
-            return "(no log)"
+        return log_tail(self.log_path if self.root is not None else None, n)
 
     def start(self) -> ZfsFuse:
         self.root = Path(tempfile.mkdtemp(prefix="drtool-zfs-"))
@@ -141,7 +132,7 @@ class ZfsFuse:
         """Pools named like ours whose creating process is dead (a crashed session)."""
         for name in _cmd("zpool", "list", "-H", "-o", "name").stdout.split():
             m = _OURS.match(name)
-            if m and not _alive(int(m.group(1))):
+            if m and not alive(int(m.group(1))):
                 _destroy_pool(name)
 
     def stop(self) -> None:
@@ -173,7 +164,7 @@ class ZfsFuse:
         process that would not go, and those of dead sessions, vanish with the
         daemon (``cachefile=none``)."""
         m = _OURS.match(pool)
-        return m is None or (int(m.group(1)) != os.getpid() and _alive(int(m.group(1))))
+        return m is None or (int(m.group(1)) != os.getpid() and alive(int(m.group(1))))
 
     def _stop_daemon(self) -> None:
         proc, self.proc = self.proc, None
@@ -187,7 +178,7 @@ class ZfsFuse:
                 proc.kill()
                 proc.wait(timeout=STOP_TIMEOUT_S)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _alive(proc.pid) and time.monotonic() < deadline:
+        while alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def __enter__(self) -> ZfsFuse:
