@@ -1,8 +1,12 @@
 """Builders shared by integration and e2e tests."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from textwrap import dedent
 
@@ -65,3 +69,62 @@ def env_with_state(state: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["DRTOOL_STATE_DIR"] = str(state)
     return env
+
+
+# ------------------------------------------------------------------ ZFS end-to-end labs
+
+DRTOOL = str(Path(sys.executable).parent / "drtool")
+
+
+def zfs_cmd(*args: str) -> str:
+    return subprocess.run(["zfs", *args], check=True, capture_output=True, text=True).stdout
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class ZfsLab:
+    """Two pools (source, target), a dataset with a few files, and a policy with a
+    snapshot leg and a replicate leg; ``drtool()``/``json()`` run the CLI on it."""
+
+    def __init__(self, zfs, tmp_path: Path, *, remote: str = "", file_name: str = "file{i}.txt",
+                 backup_site: str = "home", snapshot_keep_last: int = 2, name: str = "zfs.yaml") -> None:
+        src_pool, dst_pool = zfs.make_pool("drsrc"), zfs.make_pool("drdst")
+        zfs_cmd("create", f"{src_pool}/docs")
+        self.data_dir = zfs.mountpoint(src_pool) / "docs"
+        self.file_name = file_name
+        for i in range(5):
+            (self.data_dir / file_name.format(i=i)).write_text(f"version 1 of file {i}\n" * 100)
+        extra = f", {remote}" if remote else ""
+        self.config = tmp_path / name
+        self.config.write_text(dedent(f"""\
+            version: 1
+            locations:
+              tank: {{type: zfs, dataset: {src_pool}{extra}, media: ssd, site: home, failure_domain: nas01}}
+              backup: {{type: zfs, dataset: {dst_pool}{extra}, media: hdd, site: {backup_site}, failure_domain: backup01}}
+            policies:
+              - name: docs
+                source: {{location: tank, dataset: {src_pool}/docs}}
+                rpo: 1h
+                rto: 1h
+                legs:
+                  - {{kind: snapshot, schedule: "@hourly", retention: {{keep_last: {snapshot_keep_last}}}, verify: {{level: integrity, every: 1d}}}}
+                  - {{kind: replicate, to: backup, schedule: "@daily", retention: {{keep_last: 3}}, verify: {{level: integrity, every: 1d}}}}
+            """))
+        self.source, self.replica = f"{src_pool}/docs", f"{dst_pool}/docs"
+        self.pools = (src_pool, dst_pool)
+        self.mount = zfs.mountpoint
+
+    def drtool(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
+        proc = subprocess.run([DRTOOL, "-c", str(self.config), *args], capture_output=True, text=True, timeout=300)
+        if check is not None:
+            assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def json(self, *args: str, check: int | None = 0) -> dict:
+        return json.loads(self.drtool(*args, "--json", check=check).stdout)
+
+    def snaps(self, dataset: str) -> list[str]:
+        out = zfs_cmd("list", "-H", "-t", "snapshot", "-o", "name", "-r", dataset)
+        return [ln for ln in out.splitlines() if ln.startswith(dataset + "@")]

@@ -14,75 +14,23 @@ an unreachable host are clear errors.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
-import sys
 import time
-from pathlib import Path
-from textwrap import dedent
 
 import pytest
 
-DRTOOL = str(Path(sys.executable).parent / "drtool")
+from helpers import ZfsLab, tree_digest, zfs_cmd
 
-
-def _zfs(*args: str) -> str:
-    return subprocess.run(["zfs", *args], check=True, capture_output=True, text=True).stdout
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+_zfs, _tree = zfs_cmd, tree_digest
 
 
 @pytest.fixture
 def rlab(zfs, sshd, tmp_path):
-    src_pool = zfs.make_pool("drsrc")
-    dst_pool = zfs.make_pool("drdst")
-    _zfs("create", f"{src_pool}/docs")
-    data = zfs.mountpoint(src_pool) / "docs"
-    for i in range(5):
-        (data / f"file {i}.txt").write_text(f"version 1 of file {i}\n" * 100)
-    remote = f"ssh: {sshd.ssh}, ssh_options: {json.dumps(sshd.ssh_options)}"
-    cfg = tmp_path / "zfs-ssh.yaml"
-    cfg.write_text(dedent(f"""\
-        version: 1
-        locations:
-          tank: {{type: zfs, dataset: {src_pool}, {remote}, media: ssd, site: home, failure_domain: nas01}}
-          backup: {{type: zfs, dataset: {dst_pool}, {remote}, media: hdd, site: offsite, failure_domain: backup01}}
-        policies:
-          - name: docs
-            source: {{location: tank, dataset: {src_pool}/docs}}
-            rpo: 1h
-            rto: 1h
-            legs:
-              - {{kind: snapshot, schedule: "@hourly", retention: {{keep_last: 1}}, verify: {{level: integrity, every: 1d}}}}
-              - {{kind: replicate, to: backup, schedule: "@daily", retention: {{keep_last: 3}}, verify: {{level: integrity, every: 1d}}}}
-        """))
-
-    class Lab:
-        config = cfg
-        source = f"{src_pool}/docs"
-        replica = f"{dst_pool}/docs"
-        data_dir = data
-        pools = (src_pool, dst_pool)
-        mount = zfs.mountpoint
-        server = sshd
-
-        def drtool(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
-            proc = subprocess.run([DRTOOL, "-c", str(cfg), *args], capture_output=True, text=True, timeout=300)
-            if check is not None:
-                assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-            return proc
-
-        def json(self, *args: str, check: int | None = 0) -> dict:
-            return json.loads(self.drtool(*args, "--json", check=check).stdout)
-
-        def snaps(self, dataset: str) -> list[str]:
-            out = _zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", dataset)
-            return [ln for ln in out.splitlines() if ln.startswith(dataset + "@")]
-
-    return Lab()
+    lab = ZfsLab(zfs, tmp_path, remote=f"ssh: {sshd.ssh}, ssh_options: {json.dumps(sshd.ssh_options)}",
+                 file_name="file {i}.txt", backup_site="offsite", snapshot_keep_last=1, name="zfs-ssh.yaml")
+    lab.server = sshd
+    return lab
 
 
 def _run(lab, *extra: str) -> tuple[dict, str]:
