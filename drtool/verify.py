@@ -36,14 +36,18 @@ class VerifyResult:
 def verify_leg(ctx: Context, policy: Policy, leg: Leg, *, level: str | None = None) -> VerifyResult:
     from .legs import driver_for
 
-    level = level or leg.verify.level
+    requested = level or leg.verify.level
     name = leg.leg_name
-    res = VerifyResult(policy.name, name, leg.to or policy.source.location, level, False, "")
+    res = VerifyResult(policy.name, name, leg.to or policy.source.location, requested, False, "")
     try:
         driver = driver_for(ctx, policy, leg)
     except DrtoolError as exc:
         res.message, res.skipped = str(exc), True
         return res
+    # Record only what was really done: a level the driver lacks is capped to its deepest one.
+    level = max((lv for lv in ("exists", *driver.levels) if VERIFY_LEVELS.index(lv) <= VERIFY_LEVELS.index(requested)),
+                key=VERIFY_LEVELS.index)
+    res.level = level
     started = ctx.now()
     run = ctx.catalog.start_run("verify", policy=policy.name, leg=name, leg_kind=leg.kind, location=driver.location, now=started)
     point: RecoveryPoint | None = None
@@ -65,6 +69,8 @@ def verify_leg(ctx: Context, policy: Policy, leg: Leg, *, level: str | None = No
         failed = [c for c in res.checks if not c["ok"]]
         res.ok = not failed
         res.message = "; ".join(c["message"] for c in (failed or res.checks))
+        if level != requested:
+            res.message += f" ({leg.kind} legs on {driver.location} have no {requested} level: verified at {level})"
         ctx.catalog.finish_run(run, RunPhase.succeeded if res.ok else RunPhase.failed, now=ctx.now(), command_log=driver.commands(),
                                errors=[c["message"] for c in failed], detail={"level": level, "checks": res.checks}, recovery_point=point.id)
     except LockHeld as exc:

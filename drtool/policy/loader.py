@@ -296,6 +296,13 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                 if not isinstance(leg, CommentedMap):
                     continue
                 kind, to = leg.get("kind"), leg.get("to")
+                verify = leg.get("verify")
+                where_type = loc_type(to) if isinstance(to, str) else (loc_type(src_name) if isinstance(src_name, str) else None)
+                driver = DRIVERS.get((str(kind), str(where_type)))
+                if driver is not None and isinstance(verify, CommentedMap) and verify.get("level") not in (None, "exists", *driver.levels):
+                    line, dotted = _node_line(tree, ("policies", i, "legs", j, "verify", "level"))
+                    issues.append(Issue(str(f), line, dotted, f"a {kind} leg on a {where_type} location can verify at: "
+                                        f"{', '.join(('exists', *driver.levels))} (not {verify.get('level')!r})"))
                 if to is None:
                     stype = loc_type(src_name) if isinstance(src_name, str) else None
                     if kind in supported_types and stype is not None and stype not in supported_types[kind]:

@@ -154,6 +154,10 @@ def test_restore_clone_rollback_and_receive_back(zlab):
     assert sample["files"] == 5 and "hash the same on the source and the replica" in sample["message"]
     assert "drtool-verify" not in _zfs("list", "-H", "-o", "name")
 
+    # a level the driver does not have is never claimed: `full` is recorded as what ran
+    full = zlab.json("verify", "--leg", "snapshot", "--level", "full")["verifications"][0]
+    assert full["ok"] and full["level"] == "integrity" and "have no full level: verified at integrity" in full["message"]
+
     # clone restore of the first snapshot (the default): a new dataset with the old content
     first = zlab.snaps(zlab.source)[0].split("@")[1]
     doc = zlab.json("restore", "--policy", "docs", "--leg", "snapshot", "--point", first, "--target", f"{src_pool}/docs-v1")

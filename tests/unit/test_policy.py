@@ -123,6 +123,8 @@ ZFS = dedent("""\
         ("dataset: tank/docs", "dataset: other/docs", "is not under the location's dataset 'tank'"),
         ("      - {kind: snapshot, schedule: \"@hourly\"}\n", "", "a replicate leg sends the policy's own snapshots: add a snapshot leg"),
         ("to: backup", "to: tank", "targets the source's own location"),
+        ('{kind: snapshot, schedule: "@hourly"}', '{kind: snapshot, schedule: "@hourly", verify: {level: sample}}',
+         "a snapshot leg on a zfs location can verify at: exists, integrity (not 'sample')"),
     ],
 )
 def test_zfs_policy_checks(tmp_path, old, new, expected):
