@@ -46,6 +46,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from services.zfs import ZfsFuse, ZfsUnavailable  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from backup_overhead import peak_rss_kb  # noqa: E402  (one VmHWM poller for every benchmark)
+
 INITIAL_MB = 50
 FILE_MB = 50  # the round's data goes into files of this size
 CHUNK = 4 << 20
@@ -71,20 +74,6 @@ def write_random(directory: Path, tag: str, size_mb: int) -> None:
         left -= size
         n += 1
     os.sync()
-
-
-def peak_rss_kb(pid: int, stop: threading.Event, out: list[int]) -> None:
-    peak = 0
-    while not stop.is_set():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]))
-        except OSError:
-            break
-        time.sleep(0.01)
-    out.append(peak)
 
 
 class Drtool:

@@ -145,8 +145,8 @@ def _fix_for(err: dict[str, Any], model_fields: Iterable[str] = ()) -> str:
     return msg
 
 
-def _sibling_fields(loc: tuple[Any, ...]) -> list[str]:
-    """Field names valid where an unknown key was found (for 'did you mean')."""
+def _known_fields() -> list[str]:
+    """Every field name of the policy models (for 'did you mean' on an unknown key)."""
     from pydantic import BaseModel
 
     from . import models
@@ -227,7 +227,7 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             for err in exc.errors():
                 loc = tuple(err["loc"]) + (("type",) if err["type"].startswith("union_tag") else ())
                 line, dotted = _node_line(tree, loc)
-                fields = _sibling_fields(tuple(err["loc"])) if err["type"] == "extra_forbidden" else ()
+                fields = _known_fields() if err["type"] == "extra_forbidden" else ()
                 issues.append(Issue(str(f), line, dotted, _fix_for(err, fields)))
             continue
         for name, loc in pf.locations.items():

@@ -13,8 +13,6 @@ test with :meth:`PostgresServer.create_database`.
 """
 from __future__ import annotations
 
-from services.common import alive, free_port, log_tail
-
 import atexit
 import glob
 import os
@@ -26,6 +24,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from services.common import alive, free_port, log_tail
 
 __all__ = ["PostgresServer", "PostgresUnavailable", "find_bindir"]
 

@@ -14,18 +14,17 @@ client key, no known_hosts bookkeeping).
 """
 from __future__ import annotations
 
-from services.common import alive, free_port, log_tail
-
 import atexit
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from services.common import free_port, log_tail, stop_process
 
 __all__ = ["Sshd", "SshdUnavailable"]
 
@@ -179,18 +178,7 @@ class Sshd:
 
     def _stop_proc(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT_S)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        stop_process(proc, STOP_TIMEOUT_S)
 
     def stop(self) -> None:
         """Stop sshd and remove the temp dir (keys included). Idempotent."""

@@ -15,18 +15,17 @@ recognised by that name pattern and destroyed at start once their PID is dead.
 """
 from __future__ import annotations
 
-from services.common import alive, log_tail
-
 import atexit
 import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from services.common import alive, log_tail, stop_process
 
 __all__ = ["ZfsFuse", "ZfsUnavailable"]
 
@@ -168,18 +167,7 @@ class ZfsFuse:
 
     def _stop_daemon(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT_S)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        stop_process(proc, STOP_TIMEOUT_S)
 
     def __enter__(self) -> ZfsFuse:
         return self.start()
