@@ -316,6 +316,18 @@ class ZfsCli:
                             ok_if="dataset is busy" if time.monotonic() < deadline else None).ok:
             time.sleep(0.1)
 
+    def unmount(self, name: str) -> None:
+        """Unmount a filesystem (a no-op when it is not mounted); retries while busy."""
+        deadline = time.monotonic() + BUSY_RETRY_S
+        while True:
+            res = self._run(self.zfs_bin, "unmount", name)  # no ``what``: failures come back to be judged
+            err = "" if res.ok else _error_text(res)
+            if res.ok or "not currently mounted" in err:
+                return
+            if "busy" not in err or time.monotonic() >= deadline:
+                raise _err(res, f"zfs unmount {name} failed")
+            time.sleep(0.2)
+
     def set_property(self, name: str, prop: str, value: str) -> None:
         self._zfs("set", f"{prop}={value}", name)
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from ..backends.base import RecoveryPoint
-from ..backends.zfs import ZfsCli, ZfsDiverged, ZfsNotFound, ZfsSnapshot
+from ..backends.zfs import BUSY_RETRY_S, ZfsCli, ZfsDiverged, ZfsError, ZfsNotFound, ZfsSnapshot
 from .. import exec as ex
 from ..errors import BackendError, ConfigError, SourceError, UsageError
 from ..policy.models import ZfsLocation
@@ -232,7 +233,10 @@ class ZfsReplicateLeg(_ZfsLeg):
                 return src.send_receive(newest.name, tds, base=base.name if base else None, incremental_all=True, target=dst,
                                         force=force_receive, progress=lambda d: task.update(completed=d.get("bytes", 0)))
             try:
-                result = send(force and exists and not common)
+                if force and exists and not common:
+                    result = self._forced_full(dst, tds, send)
+                else:
+                    result = send(False)
             except ZfsDiverged as exc:
                 if not force:
                     raise ZfsDiverged(f"{exc} (or run with --force to roll the replica back: its changes since "
@@ -256,6 +260,25 @@ class ZfsReplicateLeg(_ZfsLeg):
         return LegOutcome(point=point, bytes_processed=result.bytes,
                           message=f"replicated {newest.snap} to {tds} ({kind}, {result.bytes} bytes)",
                           detail={"snapshot": newest.name, "target": tds, "base": base.name if base else None, "bytes": result.bytes})
+
+    @staticmethod
+    def _forced_full(dst: ZfsCli, tds: str, send: Callable[[bool], Any]) -> Any:
+        """``receive -F`` of a full stream over an unrelated dataset (only with --force).
+        The target is unmounted first, and a receive that failed on a busy mount
+        (zfs-fuse answers "I/O error") is retried for a few seconds: a failed receive
+        leaves the target as it was."""
+        dst.unmount(tds)
+        deadline = time.monotonic() + BUSY_RETRY_S
+        while True:
+            try:
+                return send(True)
+            except ZfsError as exc:
+                transient = "I/O error" in exc.stderr or "busy" in exc.stderr
+                if not transient or time.monotonic() >= deadline:
+                    raise
+                log.info("zfs receive -F into %s: %s; retrying", tds, exc.stderr)
+                time.sleep(0.5)
+                dst.unmount(tds)
 
     def _tag_and_hold(self, src: ZfsCli, dst: ZfsCli, newest: ZfsSnapshot, replica: ZfsSnapshot, previous: Any) -> RecoveryPoint:
         """Hold the new common snapshot on both sides, then release the previous base."""

@@ -358,3 +358,22 @@ def test_pool_status_healthy_then_scrubbed(cli, pools):
     assert started - timedelta(seconds=2) <= st.last_scrub_end <= datetime.now(timezone.utc) + timedelta(seconds=2)
     with pytest.raises(ZfsNotFound, match="no such pool"):
         cli.pool_status(f"{pool}-absent")
+
+
+def test_unmount_is_idempotent_and_waits_out_a_brief_busy(cli, ds, zfs):
+    import threading
+    name, path = ds
+    (path / "f").write_bytes(b"x")
+    handle = open(path / "f", "rb")  # an open file keeps the mount busy
+    closer = threading.Timer(1.0, handle.close)
+    closer.start()
+    try:
+        cli.unmount(name)  # retries while busy, succeeds once the file is closed
+    finally:
+        closer.join()
+    attempts = [c for c in cli.commands if c["argv"][1:2] == ["unmount"]]
+    assert len(attempts) >= 2 and attempts[-1]["returncode"] == 0  # the first ones met "busy"
+    assert not os.path.ismount(path)
+    cli.unmount(name)  # already unmounted: a no-op, not an error
+    cli._zfs("mount", name)
+    assert (path / "f").read_bytes() == b"x"
