@@ -203,7 +203,7 @@ def _phase_exit(phases: list[str]) -> int:
         return ExitCode.LOCKED
     failed = sum(p == "failed" for p in done)
     if failed == 0:
-        return ExitCode.OK
+        return ExitCode.PARTIAL if "partially_failed" in done else ExitCode.OK
     return ExitCode.FAILURE if failed == len(done) else ExitCode.PARTIAL
 
 
@@ -226,15 +226,17 @@ def _select_legs(cfg: Any, policy_name: str | None, leg_name: str | None) -> lis
 @click.option("--dry-run", is_flag=True, help="Show what would run; change nothing.")
 @click.option("--no-verify", is_flag=True, help="Do not run verifications that are due after the legs.")
 @click.option("--force", is_flag=True, help="Let a leg overwrite a diverged target (zfs: receive -F). Data there is lost.")
+@click.option("--force-sync", is_flag=True, help="parity legs: sync even though the removed/updated files exceed the thresholds (after review).")
 @json_option
 @pass_state
-def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool, no_verify: bool, force: bool) -> None:
+def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: bool, no_verify: bool, force: bool,
+            force_sync: bool) -> None:
     """Run policy legs now, then the verifications that are due."""
     from .engine import run_leg
     from .verify import verify_due, verify_leg
 
     ctx = st.ctx()
-    ctx.force = force
+    ctx.force, ctx.force_sync = force, force_sync
     results, verifications = [], []
     for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
         r = run_leg(ctx, pol, leg, dry_run=dry_run)
@@ -254,7 +256,7 @@ def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: b
 
 
 def _line(phase: str, what: str, message: str) -> None:
-    style = {"succeeded": "green", "failed": "red", "skipped": "yellow", "planned": "cyan"}.get(phase, "white")
+    style = {"succeeded": "green", "failed": "red", "partially_failed": "magenta", "skipped": "yellow", "planned": "cyan"}.get(phase, "white")
     out_console.print(f"[{style}]{phase:>9}[/] {what}: {message}", highlight=False, soft_wrap=True)
 
 
@@ -316,8 +318,9 @@ def prune_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run:
 @click.option("--policy", "policy_name", required=True, help="The policy whose data to restore.")
 @click.option("--leg", "leg_name", help="Which leg's points to restore from; optional when the policy has one leg.")
 @click.option("--point", "selector", default="latest", show_default=True, help="latest, latest-verified, or a point id (prefix) or snapshot name.")
-@click.option("--target", help="restic: an empty directory; zfs: a new dataset (clone, or receive from a replica).")
-@click.option("--include", multiple=True, help="restic: restore only this absolute path (repeatable).")
+@click.option("--target", help="restic: an empty directory; zfs: a new dataset (clone, or receive from a replica); parity: a data disk to rebuild.")
+@click.option("--include", multiple=True, help="restic: restore only this absolute path; parity: fix this file (repeatable). "
+              "parity legs with neither --target nor --include fix the bad blocks a scrub found.")
 @click.option("--rollback", is_flag=True, help="zfs snapshot legs: roll the source dataset back in place (guarded).")
 @click.option("--destroy-newer", is_flag=True, help="With --rollback: allow destroying snapshots newer than the point.")
 @click.option("--dry-run", is_flag=True, help="Show which point would be restored where; change nothing.")
@@ -335,7 +338,9 @@ def restore_cmd(st: State, policy_name: str, leg_name: str | None, selector: str
     if len(legs) != 1:
         names = ", ".join(leg.leg_name for leg in pol.legs)
         raise ConfigError(f"choose the leg to restore from with --leg (one of: {names})" if not leg_name else f"no leg named {leg_name!r} (known: {names})")
-    if not target and not rollback:
+    from .legs import driver_for
+
+    if not target and not rollback and driver_for(ctx, pol, legs[0]).needs_target:
         raise ConfigError("give --target (a directory, or a new dataset for zfs), or --rollback for an in-place zfs rollback")
     r = restore_point(ctx, pol, legs[0], selector=selector, target=target, include=include, dry_run=dry_run, force=force,
                       rollback=rollback, destroy_newer=destroy_newer)
@@ -406,7 +411,7 @@ def runs_cmd(st: State, policy_name: str | None, limit: int) -> None:
 
 def _run_dict(r: Any) -> dict[str, Any]:
     keys = ("uuid", "kind", "policy", "leg", "leg_kind", "location", "phase", "dry_run", "started_at", "ended_at", "bytes_processed",
-            "recovery_point", "warnings", "errors", "command_log", "host", "pid")
+            "recovery_point", "warnings", "errors", "detail", "command_log", "host", "pid")
     return {k: getattr(r, k) for k in keys}
 
 

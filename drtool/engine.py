@@ -47,6 +47,7 @@ class Context:
     repo_factory: Callable[[str, Any], Repository] = repository_for
     catalog_url: str | None = None
     force: bool = False  # `drtool run --force`: allow a leg to overwrite a diverged target (zfs receive -F)
+    force_sync: bool = False  # `drtool run --force-sync`: a parity leg syncs past its deletion/update thresholds
     _catalog: "Catalog | None" = None
     _backends: dict[str, Any] = field(default_factory=dict)
 
@@ -150,7 +151,7 @@ def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) ->
         res.phase, res.message = RunPhase.skipped.value, str(exc)
         return res
     except DrtoolError as exc:
-        rec.finish(RunPhase.failed, errors=[str(exc)], command_log=driver.commands())
+        rec.finish(RunPhase.failed, errors=[str(exc)], command_log=driver.commands(), detail=exc.detail)
         res.phase, res.message = RunPhase.failed.value, str(exc)
         return res
     except Exception as exc:  # internal error: still record the run as failed
@@ -162,9 +163,10 @@ def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) ->
         ex.terminate_all()
         rec.finish(RunPhase.failed, errors=["interrupted by a signal; nothing was deleted"], command_log=driver.commands())
         raise
-    rec.finish(RunPhase.succeeded, bytes_processed=out.bytes_processed, recovery_point=out.point.id, warnings=out.warnings,
-               command_log=driver.commands(), detail=out.detail)
-    res.phase = RunPhase.succeeded.value
+    phase = RunPhase.partially_failed if out.errors else RunPhase.succeeded
+    rec.finish(phase, bytes_processed=out.bytes_processed, recovery_point=out.point.id, warnings=out.warnings,
+               errors=out.errors, command_log=driver.commands(), detail=out.detail)
+    res.phase = phase.value
     res.point, res.bytes_processed, res.warnings, res.message = out.point.id, out.bytes_processed, out.warnings, out.message
     res.duration_s = (ctx.now() - started).total_seconds()
     return res

@@ -21,6 +21,8 @@ class DrtoolError(Exception):
     """A failure the user can act on. ``str(e)`` is one clear line, secrets masked."""
 
     exit_code: ExitCode = ExitCode.FAILURE
+    #: structured facts for the run record (e.g. the files that tripped a threshold)
+    detail: dict | None = None
 
 
 class ConfigError(DrtoolError):

@@ -66,6 +66,10 @@ def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, targ
     point = resolve_point(ctx, policy, leg, selector)
     res = RestoreResult(policy.name, leg.leg_name, point.id, point.time.isoformat(), target, dry_run, False, "")
     if dry_run:
+        planned = driver.restore_plan(point, target, include)
+        if planned is not None:
+            res.ok, (res.message, res.detail) = True, planned
+            return res
         how = "roll back to" if rollback else "restore"
         res.ok, res.message = True, f"would {how} {point.id} ({point.time:%Y-%m-%d %H:%M}Z)" + (f" into {target}" if target else "") + (
             f", only {', '.join(include)}" if include else "")

@@ -59,10 +59,14 @@ def verify_leg(ctx: Context, policy: Policy, leg: Leg, *, level: str | None = No
             raise DrtoolError(f"no recovery point of {policy.name}/{name} exists in {driver.location}")
         point = points[-1]
         res.point = point.id
-        age = ctx.now() - point.time
-        fresh = age <= policy.rpo_td
-        res.checks.append({"level": "exists", "ok": fresh,
-                           "message": f"newest point {point.id[:24]} is {format_duration(age)} old (RPO {policy.rpo})" + ("" if fresh else ": older than the RPO")})
+        own = driver.exists_check(points)
+        if own is not None:
+            res.checks.append(own)
+        else:
+            age = ctx.now() - point.time
+            fresh = age <= policy.rpo_td
+            res.checks.append({"level": "exists", "ok": fresh, "message": f"newest point {point.id[:24]} is {format_duration(age)} old "
+                               f"(RPO {policy.rpo})" + ("" if fresh else ": older than the RPO")})
         for lv in VERIFY_LEVELS[1: VERIFY_LEVELS.index(level) + 1]:
             if lv in driver.levels:
                 res.checks.append(driver.check(lv, points))

@@ -106,3 +106,20 @@ def _isolated_state(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("DRTOOL_CATALOG_URL", raising=False)
     monkeypatch.delenv("DRTOOL_CONFIG", raising=False)
     return state
+
+
+@pytest.fixture
+def snapraid_array():
+    """A fresh SnapRAID array (3 tmpfs data disks + 1 parity) with a mergerfs pool over
+    it (tests/services/snapraid_array.py), torn down after the test. Skips on a laptop
+    without snapraid/mergerfs/fuse or root, fails under DRTOOL_TEST_REQUIRE=all."""
+    from services.snapraid_array import SnapraidArray, SnapraidUnavailable
+
+    try:
+        array = SnapraidArray(disks=3).start()
+    except SnapraidUnavailable as e:
+        missing("snapraid", str(e))
+    try:
+        yield array
+    finally:
+        array.stop()

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from ..policy.models import Leg, Policy
 from .base import LegDriver, LegOutcome
+from .parity import SnapraidParityLeg
 from .restic_backup import ResticBackupLeg
 from .zfs_legs import ZfsReplicateLeg, ZfsSnapshotLeg
 
@@ -16,6 +17,7 @@ DRIVERS: dict[tuple[str, str], type[LegDriver]] = {
     ("backup", "restic"): ResticBackupLeg,
     ("snapshot", "zfs"): ZfsSnapshotLeg,  # keyed by the source's location type
     ("replicate", "zfs"): ZfsReplicateLeg,  # keyed by the target's location type
+    ("parity", "snapraid"): SnapraidParityLeg,
 }
 
 

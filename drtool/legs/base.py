@@ -20,6 +20,7 @@ class LegOutcome:
     message: str
     bytes_processed: int | None = None
     warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the point was made but part of the work failed: partially_failed
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -28,6 +29,8 @@ class LegDriver:
 
     #: verification levels this driver implements beyond ``exists``
     levels: tuple[str, ...] = ()
+    #: restore needs --target (or --rollback); parity legs fix in place without one
+    needs_target: bool = True
 
     def __init__(self, ctx: "Context", policy: Policy, leg: Leg) -> None:
         self.ctx, self.policy, self.leg = ctx, policy, leg
@@ -61,6 +64,16 @@ class LegDriver:
     def pins(self, points: list[RecoveryPoint]) -> dict[str, str]:
         """Points the backend says must not be deleted (held, replication bases)."""
         return {}
+
+    def exists_check(self, points: list[RecoveryPoint]) -> dict[str, Any] | None:
+        """The ``exists`` check, when the driver knows better than "the newest point is
+        younger than the RPO" (None: that generic check)."""
+        return None
+
+    def restore_plan(self, point: RecoveryPoint, target: str | None, include: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
+        """What a restore would do, for --dry-run, when the driver can say more than
+        "would restore POINT into TARGET" (None: the generic line)."""
+        return None
 
     def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
         """One verification check at ``level`` (one of ``levels``): {level, ok, message, …}."""

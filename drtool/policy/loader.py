@@ -200,6 +200,12 @@ def _source_issue(stype: str | None, loc: Any, source: Any) -> tuple[str, str] |
             return ".dataset", "a zfs source needs 'dataset': the dataset to protect, e.g. tank/documents"
         if isinstance(root, str) and not (ds == root or str(ds).startswith(root + "/")):
             return ".dataset", f"dataset {ds!r} is not under the location's dataset {root!r}"
+    if stype == "snapraid":
+        pool = loc.get("pool") if isinstance(loc, dict) else None
+        paths = source.get("path")
+        for p in ([paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []):
+            if isinstance(pool, str) and isinstance(p, str) and not (p == pool or p.startswith(pool.rstrip("/") + "/")):
+                return ".path", f"path {p!r} is not inside the array's pool {pool!r}: name paths as seen through the pool"
     return None
 
 
@@ -318,8 +324,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     continue
                 ttype = loc_type(to)
                 allowed = supported_types.get(str(kind), ())
-                if kind == "backup" and isinstance(src_name, str) and loc_type(src_name) not in (None, "filesystem"):
-                    issues.append(Issue(str(f), line, dotted, f"backup legs read files: the source must be a filesystem location with 'path' (this one is {loc_type(src_name)})"))
+                if kind == "backup" and isinstance(src_name, str) and loc_type(src_name) not in (None, "filesystem", "snapraid"):
+                    issues.append(Issue(str(f), line, dotted, f"backup legs read files: the source must be a filesystem or snapraid location with 'path' (this one is {loc_type(src_name)})"))
+                elif kind == "backup" and isinstance(source, CommentedMap) and not source.get("path"):
+                    issues.append(Issue(str(f), line, dotted, "backup legs read files: give the source a 'path' (the directories to back up)"))
                 elif kind in supported_types and ttype not in allowed:
                     fix = f"point it at a location of type {' or '.join(allowed)}" if allowed else f"{kind} legs are not supported by this drtool version yet"
                     issues.append(Issue(str(f), line, dotted, f"a {kind} leg cannot write to {to!r} (type {ttype}): {fix}"))

@@ -122,8 +122,30 @@ class ZfsLocation(LocationBase):
     sample_name: ClassVar[str] = "tank"
 
 
-Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation], Field(discriminator="type")]
-LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation)
+class SnapraidLocation(LocationBase):
+    """A SnapRAID array of plain data disks, usually pooled by mergerfs. Its parity is
+    protection for the files on it, not a copy of them."""
+
+    type: Literal["snapraid"] = Field(description="Location type.")
+    config: str = Field(description="Absolute path of the array's snapraid.conf.", examples=["/etc/snapraid.conf"], min_length=2)
+    pool: str | None = Field(
+        None,
+        description="The mergerfs pool's mount point over the data disks. drtool checks that every data disk is mounted and is a branch of it.",
+        examples=["/mnt/storage"],
+    )
+
+    sample_name: ClassVar[str] = "array"
+
+    @field_validator("config", "pool")
+    @classmethod
+    def _absolute_path(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is a relative path: write an absolute path")
+        return v
+
+
+Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation], Field(discriminator="type")]
+LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation)
 
 
 # --------------------------------------------------------------------------- legs
@@ -167,6 +189,29 @@ class Verify(Strict):
         return parse_duration(self.every)
 
 
+class ParityPlan(Strict):
+    """parity legs: when to refuse a sync, and how much to scrub after it. A threshold
+    is crossed when the count OR the percentage (of the files parity covered) is exceeded;
+    null switches that one off."""
+
+    max_removed: int | None = Field(50, ge=0, description="Refuse to sync when more files than this were removed since the last sync.", examples=[50])
+    max_removed_percent: float | None = Field(
+        5.0, ge=0, le=100, description="Refuse to sync when more than this share of the files was removed.", examples=[5])
+    max_updated: int | None = Field(500, ge=0, description="Refuse to sync when more files than this were changed in place.", examples=[500])
+    max_updated_percent: float | None = Field(
+        20.0, ge=0, le=100, description="Refuse to sync when more than this share of the files was changed in place (ransomware encrypts in place).",
+        examples=[20])
+    threshold_ignore: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns (on paths relative to a disk, e.g. 'backups/rolling/*') whose removals and updates do not count "
+        "against the thresholds: expected churn, such as a rolling backup folder, then never blocks the sync.",
+        examples=[["backups/rolling/*"]],
+    )
+    scrub_percent: float = Field(8.0, ge=0, le=100, description="After each sync, scrub this share of the array, oldest blocks first (0: no scrub).",
+                                 examples=[8])
+    scrub_older_than_days: int = Field(10, ge=0, description="Scrub only blocks not scrubbed for this many days.", examples=[10])
+
+
 LegKind = Literal["snapshot", "replicate", "backup", "upload", "parity"]
 LEG_KINDS: tuple[str, ...] = ("snapshot", "replicate", "backup", "upload", "parity")
 class Leg(Strict):
@@ -190,6 +235,8 @@ class Leg(Strict):
         examples=["backup/documents"],
     )
 
+    parity: ParityPlan | None = Field(None, description="parity: thresholds that stop a sync, and the scrub plan. Default: the ParityPlan defaults.")
+
     @field_validator("schedule")
     @classmethod
     def _cron(cls, v: str) -> str:
@@ -204,7 +251,15 @@ class Leg(Strict):
                 raise ValueError(f"a {self.kind} leg acts on the source's own location: remove 'to'")
         elif self.to is None:
             raise ValueError(f"a {self.kind} leg needs 'to': the name of the target location")
+        if self.parity is not None and self.kind != "parity":
+            raise ValueError(f"'parity' settings belong to parity legs: remove them from this {self.kind} leg")
+        if self.kind == "parity" and self.retention.model_dump(exclude_none=True):
+            raise ValueError("a parity leg keeps no history (SnapRAID holds one parity state): remove 'retention'")
         return self
+
+    @property
+    def parity_plan(self) -> "ParityPlan":
+        return self.parity or ParityPlan()
 
     @property
     def leg_name(self) -> str:

@@ -11,7 +11,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .models import LOCATION_TYPES, Leg, Policy, PolicyFile, Retention, Source, Verify
+from .models import LOCATION_TYPES, Leg, ParityPlan, Policy, PolicyFile, Retention, Source, Verify
 from ..secrets import SecretRef
 
 SCHEMA_ID = "https://drtool.invalid/schemas/policy-file.json"
@@ -76,6 +76,9 @@ _SAMPLE_VALUES: dict[tuple[str, str], Any] = {
     ("ZfsLocation", "offline"): None,
     ("ZfsLocation", "ssh"): None,
     ("ZfsLocation", "ssh_options"): None,
+    ("SnapraidLocation", "immutable"): None,
+    ("SnapraidLocation", "offline"): None,
+    ("Leg", "parity"): None,  # parity legs only
 }
 
 
@@ -232,4 +235,5 @@ def reference_markdown() -> str:
     _model_section(Leg, "Leg", out)
     _model_section(Retention, "Retention", out)
     _model_section(Verify, "Verify", out)
+    _model_section(ParityPlan, "Parity plan (parity legs)", out)
     return "\n".join(out).rstrip() + "\n"
