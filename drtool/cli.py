@@ -409,6 +409,24 @@ def runs_cmd(st: State, policy_name: str | None, limit: int) -> None:
         _line(r.phase, f"{r.kind} {r.policy or '-'}/{r.leg or '-'} {r.started_at:%Y-%m-%d %H:%M:%S}", "; ".join(r.errors or r.warnings or []) or (r.recovery_point or "")[:12])
 
 
+@cli.command("events")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+@pass_state
+def events_cmd(st: State, limit: int) -> None:
+    """Notification events (e.g. a parity sync refused by its thresholds), newest last."""
+    from .notify import read_events
+    from .paths import state_dir
+
+    events = read_events(state_dir(), limit=limit)
+    if st.json:
+        _emit_json({"events": events})
+        return
+    for e in events:
+        _line("failed" if e.get("event", "").endswith(("refused", "failed")) else "skipped", f"{e.get('time', '?')[:19]} {e.get('event')}",
+              e.get("message", ""))
+
+
 def _run_dict(r: Any) -> dict[str, Any]:
     keys = ("uuid", "kind", "policy", "leg", "leg_kind", "location", "phase", "dry_run", "started_at", "ended_at", "bytes_processed",
             "recovery_point", "warnings", "errors", "detail", "command_log", "host", "pid")

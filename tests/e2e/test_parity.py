@@ -124,7 +124,7 @@ def test_mass_deletion_aborts_the_sync_and_parity_brings_the_files_back(snapraid
     run = _last_run(config)
     assert run["phase"] == "failed"
     assert sorted(run["detail"]["files"]["removed"]) == sorted(f"d2:{rel}" for rel in on_d2)
-    events = [json.loads(ln) for ln in (Path(os.environ["DRTOOL_STATE_DIR"]) / "events.jsonl").read_text().splitlines()]
+    events = _json(config, "events")["events"]
     assert events[-1]["event"] == "parity.sync_refused" and events[-1]["counted"]["removed"] == len(on_d2)
 
     # parity is intact: every deleted file comes back, mode and owner too
