@@ -181,6 +181,10 @@ def _render_assessment(r: Any) -> None:
     for c in r.copies:
         mark = "[green]counts[/]" if c.counts else "[red]does not count[/]"
         out_console.print(f"    {c.label} ({c.media}, site {c.site}, domain {c.failure_domain}): {mark}: {c.reason}", highlight=False)
+        for prot in getattr(c, "protection", None) or []:
+            style = "green" if prot.get("ok") else "red"
+            out_console.print(f"        [{style}]protected by {prot['leg']}[/]: {prot.get('summary') or '; '.join(prot.get('problems', []))}",
+                              highlight=False)
         if c.live:
             age = c.live["age"] or "never"
             out_console.print(f"        {c.live['points']} point(s), newest {age} old; last passing verification: "

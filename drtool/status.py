@@ -13,6 +13,7 @@ def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment
     out = []
     for pol in ctx.cfg.select(policy):
         health: dict[str, LegHealth] = {}
+        protection: list[dict] = []
         for leg in pol.legs:
             if not supported(ctx, pol, leg):
                 continue
@@ -24,6 +25,12 @@ def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment
                     listings[driver.location] = ([], str(exc))
             points, error = listings[driver.location]
             mine = [p for p in points if p.policy == pol.name and p.leg == leg.leg_name]
+            try:
+                prot = driver.protection(mine)
+            except DrtoolError as exc:
+                prot = {"leg": leg.leg_name, "ok": False, "problems": [str(exc)]}
+            if prot:
+                protection.append(prot)
             last = ctx.catalog.last_verification(pol.name, leg.leg_name, level_at_least=leg.verify.level)
             latest = ctx.catalog.last_verification(pol.name, leg.leg_name)  # any level, any outcome
             failure = None
@@ -40,5 +47,9 @@ def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment
                 inventory_error=error,
                 last_failure=failure,
             )
-        out.append(assess(pol, ctx.cfg, health))
+        a = assess(pol, ctx.cfg, health)
+        for c in a.copies:
+            if c.leg is None:
+                c.protection = protection
+        out.append(a)
     return out

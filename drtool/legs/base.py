@@ -70,6 +70,11 @@ class LegDriver:
         younger than the RPO" (None: that generic check)."""
         return None
 
+    def protection(self, points: list[RecoveryPoint]) -> dict[str, Any] | None:
+        """For ``status``: how this leg protects the production copy in place (parity),
+        when it does ({leg, ok, summary, problems, …}); None for copy legs."""
+        return None
+
     def restore_plan(self, point: RecoveryPoint, target: str | None, include: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
         """What a restore would do, for --dry-run, when the driver can say more than
         "would restore POINT into TARGET" (None: the generic line)."""

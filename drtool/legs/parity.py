@@ -159,6 +159,21 @@ class SnapraidParityLeg(LegDriver):
     def pins(self, points: list[RecoveryPoint]) -> dict[str, str]:
         return {p.id: "the array's only parity state" for p in points}
 
+    def protection(self, points: list[RecoveryPoint]) -> dict[str, Any]:
+        """The array's parity as the protection of this policy's source: last sync, the
+        disks holding the source paths (mergerfs), disk problems. No snapraid command runs."""
+        cli = self._cli()
+        problems = self._problems(cli)
+        where = mergerfs.map_paths(self.loc.pool, self.policy.source.paths, cli.conf.data) if self.loc.pool else {}
+        last = points[-1].time if points else None
+        age = _ago(self.ctx.now() - last) if last else None
+        disks = sorted({d for ds in where.values() for d in ds})
+        summary = (f"parity of {cli.conf.path}: " + (f"state saved {age} ago" if age else "never synced")
+                   + (f"; source on disk(s) {', '.join(disks)}" if disks else "")
+                   + ("; " + "; ".join(problems) if problems else "; all disks mounted"))
+        return {"leg": self.leg.leg_name, "ok": not problems and last is not None, "last_sync": last.isoformat() if last else None,
+                "source_disks": where, "problems": problems, "summary": summary}
+
     # -- verify --------------------------------------------------------------------
 
     def exists_check(self, points: list[RecoveryPoint]) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class CopyAssessment:
     offline: bool = False
     immutability: str = "declared"
     live: dict[str, Any] | None = None
+    protection: list[dict[str, Any]] = field(default_factory=list)  # production only: parity over the source, live
 
     @property
     def label(self) -> str:

@@ -193,3 +193,14 @@ def test_explain_and_status_treat_parity_as_protection(snapraid_array, tmp_path)
     inv = _json(config, "inventory")
     points = inv["locations"]["array"]["points"]
     assert len(points) == 1 and points[0]["id"].startswith("parity-") and points[0]["meta"]["disks"] == ["d1", "d2", "d3"]
+
+    # status: the array's parity as the protection of the source, with the disks holding it
+    doc = _json(config, "status", check=4)  # one copy only: not 3-2-1 compliant, and says so
+    production = doc["policies"][0]["copies"][0]
+    prot = production["protection"][0]
+    assert production["leg"] is None and prot["leg"] == "parity" and prot["ok"] and not prot["problems"]
+    assert prot["source_disks"][f"{array.pool}/media"] and set(prot["source_disks"][f"{array.pool}/media"]) <= {"d1", "d2", "d3"}
+    array.unmount_disk("d1")
+    prot = _json(config, "status", check=4)["policies"][0]["copies"][0]["protection"][0]
+    assert not prot["ok"] and "disk d1" in prot["problems"][0]
+    assert "protected by parity" in _drtool(config, "status", check=4).stdout
