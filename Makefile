@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /var/tmp/drtool-demo
 
-.PHONY: install test demo docs bench clean-demo
+.PHONY: install test demo docs bench bench-zfs bench-parity clean-demo
 
 install:
 	@scripts/install-deps.sh
@@ -19,6 +19,12 @@ docs: install
 
 bench: install
 	$(PY) bench/backup_overhead.py $(BENCH_ARGS)
+
+bench-zfs: install
+	$(PY) bench/zfs_replication.py
+
+bench-parity: install
+	$(PY) bench/parity_overhead.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

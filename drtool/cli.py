@@ -241,6 +241,8 @@ def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: b
 
     ctx = st.ctx()
     ctx.force, ctx.force_sync = force, force_sync
+    if not dry_run:
+        ctx.warm_catalog()
     results, verifications = [], []
     for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
         r = run_leg(ctx, pol, leg, dry_run=dry_run)

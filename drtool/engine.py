@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,15 +51,34 @@ class Context:
     force_sync: bool = False  # `drtool run --force-sync`: a parity leg syncs past its deletion/update thresholds
     _catalog: "Catalog | None" = None
     _backends: dict[str, Any] = field(default_factory=dict)
+    _catalog_lock: threading.RLock = field(default_factory=threading.RLock)  # reap_orphan_runs re-enters
 
     @property
     def catalog(self) -> "Catalog":
-        if self._catalog is None:
-            from .catalog import Catalog
+        with self._catalog_lock:
+            if self._catalog is None:
+                from .catalog import Catalog
 
-            self._catalog = Catalog.open(self.catalog_url)
-            reap_orphan_runs(self)
+                catalog = Catalog.open(self.catalog_url)
+                self._catalog = catalog
+                try:
+                    reap_orphan_runs(self)
+                except BaseException:
+                    self._catalog = None
+                    raise
         return self._catalog
+
+    def warm_catalog(self) -> None:
+        """Open the catalog in a background thread (importing SQLAlchemy and opening the
+        database take ~0.4 s) while the first leg's tool is already working. A failure
+        here is raised again, in the main thread, by the first real use."""
+        def warm() -> None:
+            try:
+                self.catalog
+            except Exception:  # noqa: BLE001 - reported by the first real use
+                pass
+
+        threading.Thread(target=warm, name="catalog-warmup", daemon=True).start()
 
     def now(self) -> datetime:
         return self.clock()
@@ -110,21 +130,37 @@ def reap_orphan_runs(ctx: Context) -> int:
 
 
 class _RunRecord:
-    """One catalog run, created on first need: ``run_leg`` starts restic before the
-    catalog is open, and records the run (with its true start time) meanwhile."""
+    """One catalog run, recorded without holding up the work: ``start()`` writes the
+    "running" record from a background thread (the catalog may still be opening), so
+    the backend's tool starts at once; ``finish()`` waits for that record, then closes
+    it with the true start time."""
 
     def __init__(self, ctx: Context, kind: str, policy: Policy, leg: Leg, started: datetime) -> None:
         self.ctx, self.kind, self.policy, self.leg, self.started = ctx, kind, policy, leg, started
         self.run: Any = None
+        self._starter: threading.Thread | None = None
 
-    def start(self) -> Any:
-        if self.run is None:
-            self.run = self.ctx.catalog.start_run(self.kind, policy=self.policy.name, leg=self.leg.leg_name, leg_kind=self.leg.kind,
-                                                  location=self.leg.to, now=self.started)
-        return self.run
+    def _create(self) -> None:
+        try:
+            self._create_now()
+        except Exception:  # noqa: BLE001 - finish() records the run itself, or raises there
+            log.debug("could not record the start of the run yet", exc_info=True)
+
+    def start(self) -> None:
+        if self.run is None and self._starter is None:
+            self._starter = threading.Thread(target=self._create, name="run-record", daemon=True)
+            self._starter.start()
 
     def finish(self, phase: RunPhase, **kw: Any) -> None:
-        self.ctx.catalog.finish_run(self.start(), phase, now=self.ctx.now(), **kw)
+        if self._starter is not None:
+            self._starter.join()
+        if self.run is None:
+            self._create_now()
+        self.ctx.catalog.finish_run(self.run, phase, now=self.ctx.now(), **kw)
+
+    def _create_now(self) -> None:
+        self.run = self.ctx.catalog.start_run(self.kind, policy=self.policy.name, leg=self.leg.leg_name, leg_kind=self.leg.kind,
+                                              location=self.leg.to, now=self.started)
 
 
 def run_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool = False) -> LegResult:

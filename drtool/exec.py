@@ -335,17 +335,28 @@ def run(
         except BrokenPipeError:
             pass
 
-    timed_out = False
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+    # A blocking wait returns the moment the child exits (Popen.wait(timeout=…) polls with
+    # sleeps of up to 50 ms: a tax on every short zfs/snapraid call); a timer enforces
+    # the timeout by killing the group, which ends the wait.
+    expired = threading.Event()
+
+    def on_timeout() -> None:
+        expired.set()
         log.warning("%s: timed out after %ss, killing its process group", shown[0], timeout)
         _kill_group(proc)
+
+    timer = threading.Timer(timeout, on_timeout) if timeout else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        proc.wait()
     except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler, …
         _kill_group(proc)
         raise
     finally:
+        if timer is not None:
+            timer.cancel()
         for t in threads:
             t.join(timeout=10)
         with _live_lock:
@@ -360,6 +371,7 @@ def run(
                 except OSError:
                     pass
     duration = time.monotonic() - start
+    timed_out = expired.is_set()
 
     streamed = stdout is not None or on_stdout_line is not None or on_stdout_chunk is not None
     stdout_text: str | None = None if streamed else "\n".join(out_lines)

@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
+import json
+import logging
 import os
 import re
 import select
 import shlex
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .. import exec as ex
 from ..errors import BackendError
 from .base import ProgressFn
 
+log = logging.getLogger("drtool.zfs")
+
 CMD_TIMEOUT_S = 300.0
 STREAM_TIMEOUT_S = 24 * 3600.0
 BUSY_RETRY_S = 5.0
+FEATURES_TTL_S = 24 * 3600.0
 SNAP_PROPS = "type,guid,createtxg,creation,used,referenced,userrefs"
 
 
@@ -152,6 +160,31 @@ def features_from_usage(usage: str, holds_probe: str) -> ZfsFeatures:
         holds_list="holds" in u and "internal error" not in holds_probe)
 
 
+def send_args(snapshot: str, *, base: str | None = None, incremental_all: bool = False, features: ZfsFeatures = ZfsFeatures(),
+              raw: bool = False, token: str | None = None) -> list[str]:
+    """``zfs send`` arguments for what the binary can do.
+
+    - ``token``: resume an interrupted receive (``send -t``; nothing else applies).
+    - ``raw`` (an encrypted source, where ``send -w`` exists): the blocks go as stored, so
+      the replica holds ciphertext and no key is needed on the target.
+    - otherwise ``-c`` where supported: compressed blocks stay compressed on the wire.
+    - ``base``: a snapshot (``-I`` keeps the intermediate snapshots when
+      ``incremental_all``) or a bookmark ``ds#name`` (always ``-i``: a bookmark has no
+      intermediate snapshots to carry)."""
+    if token:
+        return ["send", "-t", token]
+    flags = ["-w"] if raw and features.raw_send else ["-c"] if features.compressed_send else []
+    if base:
+        flags += ["-i" if "#" in base or not incremental_all else "-I", base]
+    return ["send", *flags, snapshot]
+
+
+def receive_args(target: str, *, force: bool = False, features: ZfsFeatures = ZfsFeatures()) -> list[str]:
+    """``zfs receive`` arguments: ``-s`` where resume tokens exist (an interrupted receive
+    then leaves a token to continue from, instead of starting over), ``-F`` only when forced."""
+    return ["receive", *(["-s"] if features.resume_tokens else []), *(["-F"] if force else []), target]
+
+
 def _get_rows(text: str) -> Iterable[tuple[str, str, str, str]]:
     """``zfs get -H -o name,property,value,source`` lines (a value may hold tabs)."""
     for parts in (line.split("\t") for line in text.splitlines()):
@@ -264,8 +297,9 @@ class ZfsCli:
     the exec log entries of the last 500 commands (masked argv, code, duration)."""
 
     def __init__(self, ssh: str | None = None, *, ssh_options: Iterable[str] = (), zfs: str | None = None,
-                 zpool: str | None = None, features: ZfsFeatures | None = None, timeout: float = CMD_TIMEOUT_S) -> None:
-        self.ssh, self.timeout, self._features = ssh, timeout, features
+                 zpool: str | None = None, features: ZfsFeatures | None = None, timeout: float = CMD_TIMEOUT_S,
+                 features_cache: Path | None = None) -> None:
+        self.ssh, self.timeout, self._features, self.features_cache = ssh, timeout, features, features_cache
         self.ssh_options = list(ssh_options)  # e.g. ["-p", "2222", "-i", KEY]: before the host
         self.zfs_bin = zfs or os.environ.get("DRTOOL_ZFS") or "zfs"
         self.zpool_bin = zpool or os.environ.get("DRTOOL_ZPOOL") or "zpool"
@@ -292,12 +326,57 @@ class ZfsCli:
         return self._run(self.zfs_bin, *args, what=what or f"zfs {args[0]} {args[-1]} failed", **kw)
 
     def features(self) -> ZfsFeatures:
+        """What this zfs can do: probed once (two calls), then cached in ``features_cache``
+        (a JSON file) for a day, keyed by host and binary (a local binary's mtime too)."""
+        if self._features is None:
+            self._features = self._cached_features()
         if self._features is None:
             usage = self._run(self.zfs_bin)  # no subcommand: usage on stderr, exit 2
             probe = self._run(self.zfs_bin, "holds")  # zfs-fuse: "internal error: …pyzfs.py not found"
             text = [("\n".join(r.stderr_lines) + "\n" + (r.stdout or "")) for r in (usage, probe)]
             self._features = features_from_usage(*text)
+            self._store_features(self._features)
         return self._features
+
+    def _features_key(self) -> str | None:
+        if self.ssh:
+            return f"ssh:{self.ssh}:{' '.join(self.ssh_options)}:{self.zfs_bin}"
+        path = shutil.which(self.zfs_bin)
+        if path is None:
+            return None
+        st = os.stat(path)
+        return f"local:{os.path.realpath(path)}:{st.st_mtime_ns}:{st.st_size}"
+
+    def _cached_features(self) -> ZfsFeatures | None:
+        if self.features_cache is None:
+            return None
+        try:
+            key = self._features_key()
+            entry = json.loads(self.features_cache.read_text()).get(key or "")
+            if entry and time.time() - entry["at"] < FEATURES_TTL_S:
+                return ZfsFeatures(**entry["features"])
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        return None
+
+    def _store_features(self, features: ZfsFeatures) -> None:
+        if self.features_cache is None:
+            return
+        try:
+            key = self._features_key()
+            if key is None:
+                return
+            try:
+                data = json.loads(self.features_cache.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data[key] = {"at": time.time(), "features": dataclasses.asdict(features)}
+            self.features_cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.features_cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.features_cache)
+        except OSError:
+            log.debug("could not cache zfs features", exc_info=True)
 
     # -- datasets and properties
     def dataset_exists(self, name: str) -> bool:
@@ -399,6 +478,38 @@ class ZfsCli:
             raise ZfsError(f"cannot roll back to {snapshot}: {_error_text(res)} (pass destroy_newer=True to destroy them)",
                            _error_text(res))
 
+    # -- OpenZFS extras (feature-gated; zfs-fuse has none of them)
+    def bookmark(self, snapshot: str, bookmark: str) -> None:
+        """``zfs bookmark ds@snap ds#name``: a replication base that survives the snapshot."""
+        if not self.features().bookmarks:
+            raise ZfsUnsupported("this zfs has no bookmarks")
+        self._zfs("bookmark", snapshot, bookmark)
+
+    def list_bookmarks(self, dataset: str) -> list[tuple[str, str]]:
+        """(``ds#name``, guid) of the dataset's bookmarks; [] where bookmarks do not exist."""
+        if not self.features().bookmarks:
+            return []
+        out = self._zfs("list", "-H", "-p", "-t", "bookmark", "-d", "1", "-o", "name,guid", dataset).stdout or ""
+        return [(a, b) for a, _, b in (ln.partition("\t") for ln in out.splitlines()) if "#" in a]
+
+    def destroy_bookmark(self, name: str) -> None:
+        if "#" not in name:
+            raise ValueError(f"refusing to destroy {name!r}: not a bookmark name (no '#')")
+        self._zfs("destroy", name, ok_if="could not find any snapshots to destroy")
+
+    def resume_token(self, dataset: str) -> str | None:
+        """The ``receive_resume_token`` an interrupted ``receive -s`` left, else None."""
+        if not self.features().resume_tokens:
+            return None
+        value = self.get_property(dataset, "receive_resume_token")
+        return value if value not in (None, "", "-") else None
+
+    def encrypted(self, dataset: str) -> bool:
+        """Whether ``dataset`` is encrypted (only asked where ``send -w`` exists)."""
+        if not self.features().raw_send:
+            return False
+        return (self.get_property(dataset, "encryption") or "off") not in ("off", "-")
+
     # -- pools
     def scrub(self, pool: str) -> None:
         """Start a scrub; it runs on after this returns (follow it with ``pool_status``)."""
@@ -411,6 +522,7 @@ class ZfsCli:
     # -- replication
     def send_receive(self, source_snapshot: str, target_dataset: str, *, base: str | None = None,
                      incremental_all: bool = False, force: bool = False, target: ZfsCli | None = None,
+                     raw: bool = False, token: str | None = None,
                      progress: ProgressFn | None = None, timeout: float = STREAM_TIMEOUT_S) -> StreamResult:
         """``zfs send [-i|-I base] SRC | zfs receive [-F] TARGET`` in constant memory.
 
@@ -420,19 +532,19 @@ class ZfsCli:
         stops and closes the send's pipe (EPIPE ends the send, as in a shell pipeline);
         when the send ends, the receive gets EOF. The error names the side that failed
         first. ``target``: the ZfsCli of another host (``ssh=``)."""
-        if "@" not in source_snapshot:
+        if "@" not in source_snapshot and not token:
             raise ValueError(f"{source_snapshot!r} is not a snapshot")
         target = target or self
         if base and not target.dataset_exists(target_dataset):  # zfs-fuse would receive it into
             raise ZfsNotFound(  # ANY dataset holding the base snapshot (found by guid)
                 f"incremental receive needs the target {target_dataset}, which does not exist; send a full stream first")
-        send_args = ["send", *([("-I" if incremental_all else "-i"), base] if base else []), source_snapshot]
-        recv_args = ["receive", *(["-F"] if force else []), target_dataset]
+        sargs = send_args(source_snapshot, base=base, incremental_all=incremental_all, features=self.features(), raw=raw, token=token)
+        rargs = receive_args(target_dataset, force=force, features=target.features())
         (from_send, send_out), (recv_in, to_recv) = _pipe(), _pipe()
         box: dict[str, Any] = {}
         start = time.monotonic()
-        sender = _side(box, "send", send_out, lambda: self._run(self.zfs_bin, *send_args, stdout=send_out, timeout=timeout))
-        receiver = _side(box, "receive", recv_in, lambda: target._run(target.zfs_bin, *recv_args, stdin=recv_in, timeout=timeout))
+        sender = _side(box, "send", send_out, lambda: self._run(self.zfs_bin, *sargs, stdout=send_out, timeout=timeout))
+        receiver = _side(box, "receive", recv_in, lambda: target._run(target.zfs_bin, *rargs, stdin=recv_in, timeout=timeout))
         try:
             sent, broken = _copy(from_send, to_recv, sender, progress, start)
         finally:

@@ -54,6 +54,27 @@ def _owned(snaps: list[ZfsSnapshot], policy: str | None = None, leg: str | None 
     return sorted(out, key=lambda s: s.createtxg)
 
 
+def choose_base(source_snaps: list[ZfsSnapshot], bookmarks: list[tuple[str, str]],
+                target_snaps: list[ZfsSnapshot]) -> tuple[str | None, ZfsSnapshot | None]:
+    """The incremental base: the newest source snapshot the target also has (same guid),
+    else the newest bookmark of a snapshot the target has (OpenZFS: the snapshot itself
+    may be gone). (base name, the target's snapshot of it); (None, None): full send."""
+    on_target = {s.guid: s for s in target_snaps}
+    common = [s for s in source_snaps if s.guid in on_target]
+    if common:
+        return common[-1].name, on_target[common[-1].guid]
+    marks = [(name, on_target[guid]) for name, guid in bookmarks if guid in on_target]
+    if marks:
+        name, snap = max(marks, key=lambda m: m[1].createtxg)
+        return name, snap
+    return None, None
+
+
+def bookmark_name(snapshot: ZfsSnapshot, leg: str) -> str:
+    """``ds#<snapshot>.<leg>``: one replication-base bookmark per leg, named after its snapshot."""
+    return f"{snapshot.dataset}#{snapshot.snap}.{leg}"
+
+
 class _ZfsLeg(LegDriver):
     levels: tuple[str, ...] = ("integrity",)
 
@@ -61,7 +82,8 @@ class _ZfsLeg(LegDriver):
         loc = self.ctx.cfg.location(location)
         if not isinstance(loc, ZfsLocation):
             raise ConfigError(f"location {location} is not a zfs location")
-        return self.ctx.backend(f"zfs:{location}", lambda: ZfsCli(ssh=loc.ssh, ssh_options=loc.ssh_options))
+        return self.ctx.backend(f"zfs:{location}", lambda: ZfsCli(ssh=loc.ssh, ssh_options=loc.ssh_options,
+                                                                  features_cache=self.ctx.state_dir / "zfs-features.json"))
 
     @property
     def source_dataset(self) -> str:
@@ -212,28 +234,31 @@ class ZfsReplicateLeg(_ZfsLeg):
             raise SourceError(f"{ds} has no snapshot of {self.policy.name}/{self._snapshot_leg()} to replicate yet: run the snapshot leg first")
         newest = source_snaps[-1]
         rec.start()
+        resumed = self._resume(src, dst, tds, newest)
         try:
             target_snaps, exists = dst.list_snapshots(tds), True
         except ZfsNotFound:
             target_snaps, exists = [], False
         by_guid = {s.guid: s for s in target_snaps}
+        base_name, base_on_target = choose_base(source_snaps, src.list_bookmarks(ds), target_snaps)
         common = [s for s in source_snaps if s.guid in by_guid]
         if newest.guid in by_guid:
             point = self._tag_and_hold(src, dst, newest, by_guid[newest.guid], previous=None)
-            return LegOutcome(point=point, message=f"{tds} is up to date: {newest.snap} is already replicated")
+            return LegOutcome(point=point, message=f"{tds} is up to date: {newest.snap} is already replicated" + resumed)
         force = self.ctx.force
-        if exists and not common and not force:
+        if exists and base_name is None and not force:
             raise ZfsDiverged(
                 f"{tds} exists on {self.leg.to} but shares no snapshot with {ds}: drtool will not overwrite it. "
                 f"Fix: rename or destroy {tds} (zfs rename / zfs destroy -r) and run again for a full send, "
                 "or run with --force to overwrite it (its data and snapshots are lost)", "")
         base = common[-1] if common else None
+        raw = src.encrypted(ds)
         with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: zfs send {newest.snap} → {self.leg.to}") as task:
             def send(force_receive: bool) -> Any:
-                return src.send_receive(newest.name, tds, base=base.name if base else None, incremental_all=True, target=dst,
+                return src.send_receive(newest.name, tds, base=base_name, incremental_all=True, target=dst, raw=raw,
                                         force=force_receive, progress=lambda d: task.update(completed=d.get("bytes", 0)))
             try:
-                if force and exists and not common:
+                if force and exists and base_name is None:
                     result = self._forced_full(dst, tds, send)
                 else:
                     result = send(False)
@@ -255,11 +280,35 @@ class ZfsReplicateLeg(_ZfsLeg):
             if r is not None and r.properties.get(PROP_LEG) != self.leg.leg_name:
                 dst.set_property(r.name, PROP_POLICY, self.policy.name)
                 dst.set_property(r.name, PROP_LEG, self.leg.leg_name)
-        point = self._tag_and_hold(src, dst, newest, received[newest.guid], previous=(base, by_guid.get(base.guid)) if base else None)
-        kind = f"incremental from {base.snap}" if base else "full"
+        point = self._tag_and_hold(src, dst, newest, received[newest.guid],
+                                   previous=(base, by_guid.get(base.guid)) if base else (None, base_on_target) if base_on_target else None)
+        self._bookmark(src, newest)
+        kind = f"incremental from {base_name.split('@')[-1]}" if base_name else "full"
         return LegOutcome(point=point, bytes_processed=result.bytes,
-                          message=f"replicated {newest.snap} to {tds} ({kind}, {result.bytes} bytes)",
-                          detail={"snapshot": newest.name, "target": tds, "base": base.name if base else None, "bytes": result.bytes})
+                          message=f"replicated {newest.snap} to {tds} ({kind}, {result.bytes} bytes{', raw' if raw else ''})" + resumed,
+                          detail={"snapshot": newest.name, "target": tds, "base": base_name, "bytes": result.bytes, "raw": raw})
+
+    def _resume(self, src: ZfsCli, dst: ZfsCli, tds: str, newest: ZfsSnapshot) -> str:
+        """Finish a receive that was cut short (OpenZFS ``receive -s`` left a token) before
+        anything else: the bytes already received are not sent again."""
+        token = dst.resume_token(tds)
+        if not token:
+            return ""
+        log.info("%s/%s: resuming the interrupted receive into %s", self.policy.name, self.leg.leg_name, tds)
+        result = src.send_receive(newest.name, tds, token=token, target=dst)
+        return f"; resumed an interrupted receive first ({result.bytes} bytes)"
+
+    def _bookmark(self, src: ZfsCli, newest: ZfsSnapshot) -> None:
+        """Where bookmarks exist: bookmark the new base on the source and drop this leg's
+        older base bookmarks, so the chain survives even if the snapshot is destroyed."""
+        if not src.features().bookmarks:
+            return
+        name = bookmark_name(newest, self.leg.leg_name)
+        src.bookmark(newest.name, name)
+        prefix, suffix = f"{newest.dataset}#drtool-{self.policy.name}-", f".{self.leg.leg_name}"
+        for old, _ in src.list_bookmarks(newest.dataset):
+            if old != name and old.startswith(prefix) and old.endswith(suffix):
+                src.destroy_bookmark(old)
 
     @staticmethod
     def _forced_full(dst: ZfsCli, tds: str, send: Callable[[bool], Any]) -> Any:
@@ -286,7 +335,8 @@ class ZfsReplicateLeg(_ZfsLeg):
         placed = dst.hold(self.hold_tag, replica.name)
         if previous:
             old_src, old_dst = previous
-            src.release(self.hold_tag, old_src.name, missing_ok=True)
+            if old_src is not None:
+                src.release(self.hold_tag, old_src.name, missing_ok=True)
             if old_dst is not None:
                 dst.release(self.hold_tag, old_dst.name, missing_ok=True)
         point = _point(replica, self.leg.to, self.policy.name, self.leg.leg_name)  # type: ignore[arg-type]

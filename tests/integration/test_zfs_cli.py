@@ -14,9 +14,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from drtool.backends.zfs import (
-    ZfsCli, ZfsDiverged, ZfsError, ZfsFeatures, ZfsNotFound, ZfsUnsupported,
-    features_from_usage, parse_pool_status, parse_scan, parse_usage,
+    ZfsCli, ZfsDiverged, ZfsError, ZfsFeatures, ZfsNotFound, ZfsSnapshot, ZfsUnsupported,
+    features_from_usage, parse_pool_status, parse_scan, parse_usage, receive_args, send_args,
 )
+from drtool.legs.zfs_legs import bookmark_name, choose_base
 
 # -- captured output ---------------------------------------------------------
 
@@ -113,6 +114,38 @@ def test_feature_detection_from_usage_text():
     assert features_from_usage(OPENZFS_USAGE, OPENZFS_HOLDS_PROBE) == ZfsFeatures(
         parsable_list=True, bookmarks=True, resume_tokens=True, compressed_send=True, raw_send=True,
         snapshot_properties=True, holds_list=True)
+
+
+def test_send_and_receive_argv_follow_the_binary():
+    """OpenZFS (captured usage text) gets -c, raw -w for encrypted sources, receive -s and
+    resume tokens; zfs-fuse gets the plain common subset. Bookmarks are always -i bases."""
+    new = features_from_usage(OPENZFS_USAGE, OPENZFS_HOLDS_PROBE)
+    old = features_from_usage(ZFS_FUSE_USAGE, ZFS_FUSE_HOLDS_PROBE)
+    assert send_args("t/d@b", base="t/d@a", incremental_all=True, features=new) == ["send", "-c", "-I", "t/d@a", "t/d@b"]
+    assert send_args("t/d@b", base="t/d@a", incremental_all=True, features=new, raw=True) == ["send", "-w", "-I", "t/d@a", "t/d@b"]
+    assert send_args("t/d@b", base="t/d#a.leg", incremental_all=True, features=new) == ["send", "-c", "-i", "t/d#a.leg", "t/d@b"]
+    assert send_args("t/d@b", features=new, token="1-abc-def") == ["send", "-t", "1-abc-def"]
+    assert receive_args("b/d", features=new) == ["receive", "-s", "b/d"]
+    assert receive_args("b/d", force=True, features=new) == ["receive", "-s", "-F", "b/d"]
+    assert send_args("t/d@b", base="t/d@a", incremental_all=True, features=old, raw=True) == ["send", "-I", "t/d@a", "t/d@b"]
+    assert send_args("t/d@b", features=old) == ["send", "t/d@b"]
+    assert receive_args("b/d", features=old) == ["receive", "b/d"]
+
+
+def _snap(name: str, guid: str, txg: int) -> ZfsSnapshot:
+    ds, snap = name.split("@")
+    return ZfsSnapshot(name, ds, snap, guid, txg, datetime(2026, 1, 1, tzinfo=timezone.utc), 0, 0, 0)
+
+
+def test_replication_base_prefers_a_common_snapshot_then_a_bookmark():
+    src = [_snap("t/d@s1", "1", 10), _snap("t/d@s2", "2", 20), _snap("t/d@s3", "3", 30)]
+    dst = [_snap("b/d@s1", "1", 5), _snap("b/d@s2", "2", 6)]
+    assert choose_base(src, [], dst) == ("t/d@s2", dst[1])
+    # s1 and s2 destroyed on the source; their bookmarks remain (OpenZFS)
+    marks = [("t/d#s1.rep", "1"), ("t/d#s2.rep", "2"), ("t/d#other", "99")]
+    assert choose_base(src[2:], marks, dst) == ("t/d#s2.rep", dst[1])
+    assert choose_base(src[2:], [("t/d#other", "99")], dst) == (None, None)  # nothing shared: full send (or divergence)
+    assert bookmark_name(src[2], "rep") == "t/d#s3.rep"
 
 
 def test_pool_status_parsers():
@@ -377,3 +410,14 @@ def test_unmount_is_idempotent_and_waits_out_a_brief_busy(cli, ds, zfs):
     cli.unmount(name)  # already unmounted: a no-op, not an error
     cli._zfs("mount", name)
     assert (path / "f").read_bytes() == b"x"
+
+
+def test_features_are_probed_once_then_cached(tmp_path, zfs):
+    cache = tmp_path / "zfs-features.json"
+    first = ZfsCli(features_cache=cache)
+    assert first.features() == ZfsFeatures(snapshot_properties=True) and len(first.commands) == 2
+    second = ZfsCli(features_cache=cache)
+    assert second.features() == first.features() and len(second.commands) == 0  # no zfs call
+    cache.write_text("not json")  # a damaged cache is ignored and rewritten
+    third = ZfsCli(features_cache=cache)
+    assert third.features() == first.features() and len(third.commands) == 2
