@@ -501,7 +501,10 @@ class ZfsCli:
         """The ``receive_resume_token`` an interrupted ``receive -s`` left, else None."""
         if not self.features().resume_tokens:
             return None
-        value = self.get_property(dataset, "receive_resume_token")
+        try:
+            value = self.get_property(dataset, "receive_resume_token")
+        except ZfsNotFound:  # nothing received yet
+            return None
         return value if value not in (None, "", "-") else None
 
     def encrypted(self, dataset: str) -> bool:
