@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from .. import notify
@@ -112,7 +112,7 @@ class SnapraidParityLeg(LegDriver):
                 with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: snapraid sync"):
                     # --force-sync is the reviewed sync: SnapRAID's own "a disk is now empty" refusal is
                     # lifted too (the disks were just checked to be mounted)
-                    synced, sync_out = cli.sync(force_empty=self.ctx.force_sync, on_file=meta.change)
+                    _, sync_out = cli.sync(force_empty=self.ctx.force_sync, on_file=meta.change)
                 detail["sync"] = sync_out.summary
                 if sync_out.exit not in ("ok", ""):
                     raise BackendError(f"snapraid sync ended with '{sync_out.exit}': " + "; ".join(sync_out.errors[:5]))
