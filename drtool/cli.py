@@ -164,9 +164,11 @@ def policy_sample() -> None:
 def policy_explain(st: State, policy_name: str | None) -> None:
     """Static 3-2-1-1-0 analysis: which copies count, and why the others do not."""
     from .policy.rules import assess
+    from .status import store_facts
 
-    cfg = st.cfg()
-    results = [assess(p, cfg) for p in cfg.select(policy_name)]
+    ctx = st.ctx()
+    facts = store_facts(ctx, policy_name)  # immutability is read from object stores, never taken on trust
+    results = [assess(p, ctx.cfg, facts=facts) for p in ctx.cfg.select(policy_name)]
     if st.json:
         _emit_json({"policies": [r.to_dict() for r in results]})
         return

@@ -27,6 +27,7 @@ class PruneResult:
     ok: bool
     message: str
     removed: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)  # the store's retention or lock refused: kept, not a failure
     skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,16 +57,20 @@ def prune_leg(ctx: Context, policy: Policy, leg: Leg, *, dry_run: bool) -> Prune
                 out.ok, out.message = True, f"would remove {len(ids)} of {len(points)} point(s)"
                 return out
             run = ctx.catalog.start_run("prune", policy=policy.name, leg=name, leg_kind=leg.kind, location=driver.location, now=now)
+            blocked: list[str] = []
             try:
                 if ids:
                     with ctx.ui.task(f"{policy.name}/{name}: remove {len(ids)} point(s) from {driver.location}"):
-                        driver.delete(ids)
-                ctx.catalog.finish_run(run, RunPhase.succeeded, now=ctx.now(), command_log=driver.commands(), detail={"plan": plan.to_dict()})
+                        blocked = driver.delete(ids) or []
+                ctx.catalog.finish_run(run, RunPhase.succeeded, now=ctx.now(), command_log=driver.commands(),
+                                       warnings=[f"{b}: kept, under the store's retention or lock" for b in blocked],
+                                       detail={"plan": plan.to_dict(), "blocked": blocked})
             except DrtoolError as exc:
                 ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=driver.commands(), detail={"plan": plan.to_dict()})
                 raise
-            out.removed = ids
-            out.ok, out.message = True, f"removed {len(ids)} of {len(points)} point(s)"
+            out.removed, out.blocked = [i for i in ids if i not in blocked], blocked
+            out.ok, out.message = True, f"removed {len(out.removed)} of {len(points)} point(s)" + (
+                f"; {len(blocked)} blocked by the store's retention or lock (kept)" if blocked else "")
     except LockHeld as exc:
         out.ok, out.skipped, out.message = True, True, str(exc)
     except DrtoolError as exc:

@@ -7,10 +7,31 @@ from .legs import driver_for, supported
 from .policy.rules import Assessment, LegHealth, assess
 
 
+def store_facts(ctx: Context, policy: str | None = None) -> dict[str, tuple[bool, str]]:
+    """Immutability read from the object stores the selected policies upload to:
+    location -> (immutable, how we know). A bucket that cannot be read proves nothing."""
+    from .backends import OBJECT_STORES, object_store_for
+    from .legs.upload import describe_retention
+
+    facts: dict[str, tuple[bool, str]] = {}
+    for pol in ctx.cfg.select(policy):
+        for leg in pol.legs:
+            loc = ctx.cfg.location(leg.to) if leg.to else None
+            if loc is None or getattr(loc, "type", "") not in OBJECT_STORES or leg.to in facts:
+                continue
+            try:
+                store = ctx.backend(f"store:{leg.to}", lambda: object_store_for(leg.to, loc))  # type: ignore[arg-type]
+                facts[leg.to] = describe_retention(store.retention_state())  # type: ignore[index]
+            except DrtoolError as exc:
+                facts[leg.to] = (False, f"the bucket's retention could not be read: {exc}")  # type: ignore[index]
+    return facts
+
+
 def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment]:
     now = ctx.now()
     listings: dict[str, tuple[list, str | None]] = {}  # one listing per location
     out = []
+    facts = store_facts(ctx, policy)
     for pol in ctx.cfg.select(policy):
         health: dict[str, LegHealth] = {}
         protection: list[dict] = []
@@ -47,7 +68,7 @@ def live_assessments(ctx: Context, policy: str | None = None) -> list[Assessment
                 inventory_error=error,
                 last_failure=failure,
             )
-        a = assess(pol, ctx.cfg, health)
+        a = assess(pol, ctx.cfg, health, facts)
         for c in a.copies:
             if c.leg is None:
                 c.protection = protection

@@ -44,3 +44,30 @@ def repository_for(name: str, location: Any) -> Repository:
     if factory is None:
         raise ConfigError(f"location {name!r} (type {getattr(location, 'type', '?')}) is not a repository drtool can back up into")
     return factory(name, location)
+
+
+def object_store_for(name: str, location: Any) -> ObjectStore:
+    """An ObjectStore for a ``gcs`` or ``s3`` location, its secrets resolved now (at first use)."""
+    import json
+
+    from ..secrets import resolve
+
+    kind = getattr(location, "type", "")
+    if kind not in OBJECT_STORES:
+        raise ConfigError(f"location {name!r} (type {kind or '?'}) is not an object store (gcs or s3)")
+    cls = object_store_class(kind)
+    common = {"prefix": location.prefix, "endpoint": location.endpoint}
+    if kind == "gcs":
+        info = None
+        if location.credentials is not None:
+            raw = resolve(location.credentials, what=f"location {name}: credentials").get_secret_value()
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                raise ConfigError(f"location {name}: credentials are not a service-account JSON key") from None
+        return cls(name, location.bucket, project=location.project, credentials_info=info, **common)
+    keys = {}
+    if location.access_key_id is not None:
+        keys = {"access_key": resolve(location.access_key_id, what=f"location {name}: access_key_id").get_secret_value(),
+                "secret_key": resolve(location.secret_access_key, what=f"location {name}: secret_access_key").get_secret_value()}
+    return cls(name, location.bucket, region=location.region, **common, **keys)

@@ -8,6 +8,7 @@ from ..policy.models import Leg, Policy
 from .base import LegDriver, LegOutcome
 from .parity import SnapraidParityLeg
 from .restic_backup import ResticBackupLeg
+from .upload import UploadLeg
 from .zfs_legs import ZfsReplicateLeg, ZfsSnapshotLeg
 
 if TYPE_CHECKING:
@@ -18,6 +19,8 @@ DRIVERS: dict[tuple[str, str], type[LegDriver]] = {
     ("snapshot", "zfs"): ZfsSnapshotLeg,  # keyed by the source's location type
     ("replicate", "zfs"): ZfsReplicateLeg,  # keyed by the target's location type
     ("parity", "snapraid"): SnapraidParityLeg,
+    ("upload", "gcs"): UploadLeg,
+    ("upload", "s3"): UploadLeg,
 }
 
 

@@ -58,7 +58,8 @@ class LegDriver:
         """Every drtool point at this leg's location (for the inventory cache)."""
         return self.points()
 
-    def delete(self, point_ids: list[str]) -> None:
+    def delete(self, point_ids: list[str]) -> list[str] | None:
+        """Delete points; may return the ids the store refused (retention, lock): blocked, kept."""
         raise NotImplementedError
 
     def pins(self, points: list[RecoveryPoint]) -> dict[str, str]:

@@ -189,6 +189,14 @@ def _plain(node: Any) -> Any:
     return node
 
 
+def _only_command_uploads(legs: Any) -> bool:
+    """Every leg streams a command's stdout: the source then needs no path (it only says
+    where the production data lives, for 3-2-1)."""
+    return isinstance(legs, CommentedSeq) and len(legs) > 0 and all(
+        isinstance(leg, CommentedMap) and leg.get("kind") == "upload" and isinstance(leg.get("upload"), CommentedMap)
+        and leg["upload"].get("command") for leg in legs)
+
+
 def _source_issue(stype: str | None, loc: Any, source: Any) -> tuple[str, str] | None:
     """(field suffix, message) when a source does not fit its location's type."""
     if stype == "filesystem" and not source.get("path"):
@@ -282,7 +290,7 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             if isinstance(src_name, str) and src_name not in raw_locations:
                 line, dotted = _node_line(tree, ("policies", i, "source", "location"))
                 issues.append(Issue(str(f), line, dotted, f"unknown location {src_name!r}{_did_you_mean(src_name, raw_locations)}: define it under 'locations:'"))
-            elif isinstance(src_name, str):
+            elif isinstance(src_name, str) and not _only_command_uploads(pol.get("legs")):
                 issue = _source_issue(loc_type(src_name), raw_locations.get(src_name), source)
                 if issue:
                     line, dotted = _node_line(tree, ("policies", i, "source"))
@@ -328,6 +336,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     issues.append(Issue(str(f), line, dotted, f"backup legs read files: the source must be a filesystem or snapraid location with 'path' (this one is {loc_type(src_name)})"))
                 elif kind == "backup" and isinstance(source, CommentedMap) and not source.get("path"):
                     issues.append(Issue(str(f), line, dotted, "backup legs read files: give the source a 'path' (the directories to back up)"))
+                elif kind == "upload" and isinstance(source, CommentedMap) and not source.get("path") and not (
+                        isinstance(leg.get("upload"), CommentedMap) and leg["upload"].get("command")):
+                    issues.append(Issue(str(f), line, dotted, "an upload leg streams the source's 'path' (a file, or a directory as tar) "
+                                        "or the stdout of 'upload: {command: [...]}': give one of them"))
                 elif kind in supported_types and ttype not in allowed:
                     fix = f"point it at a location of type {' or '.join(allowed)}" if allowed else f"{kind} legs are not supported by this drtool version yet"
                     issues.append(Issue(str(f), line, dotted, f"a {kind} leg cannot write to {to!r} (type {ttype}): {fix}"))

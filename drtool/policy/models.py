@@ -144,8 +144,53 @@ class SnapraidLocation(LocationBase):
         return v
 
 
-Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation], Field(discriminator="type")]
-LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation)
+class ObjectLocationBase(LocationBase):
+    bucket: str = Field(description="The bucket name.", examples=["lab-offsite"], min_length=3, pattern=r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+    prefix: str = Field("drtool", description="Key prefix under which drtool writes (<prefix>/<policy>/<leg>/<time>/…).", examples=["drtool"])
+    endpoint: str | None = Field(None, description="API endpoint, for emulators and S3-compatible stores (http(s)://host:port).",
+                                 examples=["http://127.0.0.1:8333"])
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"endpoint {v!r} is not an http(s) URL")
+        return v
+
+
+class GcsLocation(ObjectLocationBase):
+    """A Google Cloud Storage bucket. Whether it is immutable is read from the bucket (retention policy, lock)."""
+
+    type: Literal["gcs"] = Field(description="Location type.")
+    project: str | None = Field(None, description="The GCP project (for the client; buckets are global).", examples=["my-lab"])
+    credentials: SecretRef | None = Field(
+        None, description="A service-account key (the JSON), as a secret reference. Absent: Application Default Credentials, "
+        "or anonymous access when an emulator endpoint is set.")
+
+    sample_name: ClassVar[str] = "offsite-gcs"
+
+
+class S3Location(ObjectLocationBase):
+    """An S3 or S3-compatible bucket (AWS, MinIO, Ceph RGW, SeaweedFS). Object lock and versioning are read from the bucket."""
+
+    type: Literal["s3"] = Field(description="Location type.")
+    region: str | None = Field(None, description="The bucket's region.", examples=["us-east-1"])
+    access_key_id: SecretRef | None = Field(None, description="Access key id, as a secret reference. Absent: the AWS SDK's default chain.")
+    secret_access_key: SecretRef | None = Field(None, description="Secret access key, as a secret reference.")
+
+    sample_name: ClassVar[str] = "offsite-s3"
+
+    @model_validator(mode="after")
+    def _both_keys(self) -> "S3Location":
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("give both access_key_id and secret_access_key, or neither (the SDK's default chain)")
+        return self
+
+
+Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation, S3Location],
+                     Field(discriminator="type")]
+LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation,
+                                                  S3Location)
 
 
 # --------------------------------------------------------------------------- legs
@@ -212,6 +257,18 @@ class ParityPlan(Strict):
     scrub_older_than_days: int = Field(10, ge=0, description="Scrub only blocks not scrubbed for this many days.", examples=[10])
 
 
+class UploadSpec(Strict):
+    """upload legs: what to stream. Default: the policy's source path (a file as is, a directory as a tar stream)."""
+
+    command: list[str] | None = Field(
+        None, description="Stream this command's stdout instead of the source path (an etcd or Vault snapshot, a database dump). "
+        "argv, never a shell; secrets by environment, not in argv.", examples=[["etcdctl", "snapshot", "save", "/dev/stdout"]], min_length=1)
+    name: str | None = Field(None, description="Object name under the point's prefix. Default: the source's base name (plus .tar for a "
+                             "directory), or 'stream' for a command.", examples=["etcd.db"], pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    part_size_mb: int = Field(16, ge=5, le=512, description="Multipart (S3) / resumable chunk (GCS) size; memory use is about two parts.",
+                              examples=[16])
+
+
 LegKind = Literal["snapshot", "replicate", "backup", "upload", "parity"]
 LEG_KINDS: tuple[str, ...] = ("snapshot", "replicate", "backup", "upload", "parity")
 class Leg(Strict):
@@ -236,6 +293,7 @@ class Leg(Strict):
     )
 
     parity: ParityPlan | None = Field(None, description="parity: thresholds that stop a sync, and the scrub plan. Default: the ParityPlan defaults.")
+    upload: UploadSpec | None = Field(None, description="upload: what to stream (default: the source path).")
 
     @field_validator("schedule")
     @classmethod
@@ -253,6 +311,8 @@ class Leg(Strict):
             raise ValueError(f"a {self.kind} leg needs 'to': the name of the target location")
         if self.parity is not None and self.kind != "parity":
             raise ValueError(f"'parity' settings belong to parity legs: remove them from this {self.kind} leg")
+        if self.upload is not None and self.kind != "upload":
+            raise ValueError(f"'upload' settings belong to upload legs: remove them from this {self.kind} leg")
         if self.kind == "parity" and self.retention.model_dump(exclude_none=True):
             raise ValueError("a parity leg keeps no history (SnapRAID holds one parity state): remove 'retention'")
         return self

@@ -103,7 +103,11 @@ def _attrs(loc: LocationBase) -> dict[str, Any]:
     return {"media": loc.media, "site": loc.site, "failure_domain": loc.failure_domain, "immutable": loc.immutable, "offline": loc.offline}
 
 
-def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None = None) -> Assessment:
+def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None = None,
+           facts: Mapping[str, tuple[bool, str]] | None = None) -> Assessment:
+    """``facts``: location -> (immutable, how we know), read from stores that can tell
+    (object stores: retention and lock). A fact replaces the declaration; a declaration
+    the store contradicts is flagged and does not count."""
     live = health is not None
     src = cfg.locations[policy.source.location]
     out = Assessment(policy=policy.name, live=live)
@@ -121,6 +125,10 @@ def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None =
         else:
             where, loc = leg.to, cfg.locations[leg.to]
         c = CopyAssessment(leg=name, kind=leg.kind, location=where, counts=False, reason="", **_attrs(loc))
+        if facts and where in facts:
+            fact, how = facts[where]
+            c.immutable = fact
+            c.immutability = f"contradicted: declared immutable, but {how}" if loc.immutable and not fact else how
         h = health.get(name) if health else None
         if h is not None:
             c.live = {
@@ -178,7 +186,7 @@ def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None =
         (f"{len(offsite)} copy(ies) away from site {src.site!r}" if offsite else f"every counted copy is at site {src.site!r}: add a copy at another site"),
     ))
     immut = [c for c in counted if (c.immutable or c.offline) and not c.immutability.startswith("contradicted")]
-    contradicted = [c for c in counted if c.immutability.startswith("contradicted")]
+    contradicted = [c for c in out.copies if c.immutability.startswith("contradicted")]  # flagged even when not counted
     detail = (
         ", ".join(f"{c.label}: {'immutable' if c.immutable else 'offline'} ({c.immutability})" for c in immut)
         if immut else "no counted copy is immutable or offline: add one (object lock, append-only, or an offline medium)"

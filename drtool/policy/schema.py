@@ -11,7 +11,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .models import LOCATION_TYPES, Leg, ParityPlan, Policy, PolicyFile, Retention, Source, Verify
+from .models import LOCATION_TYPES, Leg, ParityPlan, Policy, PolicyFile, Retention, Source, UploadSpec, Verify
 from ..secrets import SecretRef
 
 SCHEMA_ID = "https://drtool.invalid/schemas/policy-file.json"
@@ -79,6 +79,22 @@ _SAMPLE_VALUES: dict[tuple[str, str], Any] = {
     ("SnapraidLocation", "immutable"): None,
     ("SnapraidLocation", "offline"): None,
     ("Leg", "parity"): None,  # parity legs only
+    ("Leg", "upload"): None,  # upload legs only
+    ("GcsLocation", "immutable"): None,
+    ("GcsLocation", "offline"): None,
+    ("GcsLocation", "endpoint"): None,
+    ("GcsLocation", "credentials"): None,
+    ("S3Location", "immutable"): None,
+    ("S3Location", "offline"): None,
+    ("S3Location", "endpoint"): None,
+    ("S3Location", "access_key_id"): None,
+    ("S3Location", "secret_access_key"): None,
+    ("GcsLocation", "media"): "cloud-object",
+    ("GcsLocation", "site"): "gcp-us-central1",
+    ("GcsLocation", "failure_domain"): "gcp-lab-project",
+    ("S3Location", "media"): "cloud-object",
+    ("S3Location", "site"): "friend-house",
+    ("S3Location", "failure_domain"): "friend-minio",
 }
 
 
@@ -236,4 +252,5 @@ def reference_markdown() -> str:
     _model_section(Retention, "Retention", out)
     _model_section(Verify, "Verify", out)
     _model_section(ParityPlan, "Parity plan (parity legs)", out)
+    _model_section(UploadSpec, "Upload (upload legs)", out)
     return "\n".join(out).rstrip() + "\n"

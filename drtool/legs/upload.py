@@ -1,0 +1,285 @@
+"""upload legs: stream a file, a directory (as tar) or a command's stdout to an object
+store (GCS, S3), with a manifest that proves what arrived.
+
+Layout under the location's prefix: ``<policy>/<leg>/<UTC time>/<name>`` and, written
+last, ``…/<UTC time>/manifest.json`` (size, SHA-256, MD5, CRC32C, the store's own
+checksum, the source). A point counts only once its manifest exists, so an upload cut
+short never becomes a recovery point. Memory stays at about two parts whatever the size:
+the source is read through a pipe and sent part by part.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tarfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from .. import exec as ex
+from ..backends import object_store_for
+from ..backends.base import RecoveryPoint
+from ..backends.objectstore import ObjectLocked, ObjectNotFound, ObjectStore, RetentionState
+from ..errors import BackendError, SourceError, UsageError
+from .base import LegDriver, LegOutcome
+
+log = logging.getLogger("drtool.legs.upload")
+TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "drtool-upload-manifest/1"
+
+
+class UploadLeg(LegDriver):
+    levels = ("integrity",)
+
+    @property
+    def store(self) -> ObjectStore:
+        to = self.leg.to
+        return self.ctx.backend(f"store:{to}", lambda: object_store_for(to, self.ctx.cfg.location(to)))  # type: ignore[arg-type]
+
+    @property
+    def base(self) -> str:
+        return f"{self.policy.name}/{self.leg.leg_name}"
+
+    # -- the source ----------------------------------------------------------------
+
+    def _spec(self) -> tuple[str, str, str]:
+        """(kind, what, object name): kind is command, file or directory."""
+        up = self.leg.upload
+        if up and up.command:
+            return "command", " ".join(up.command), up.name or "stream"
+        paths = self.policy.source.paths
+        if len(paths) != 1:
+            raise UsageError(f"{self.policy.name}/{self.leg.leg_name}: an upload leg streams one path (the source has {len(paths)}); "
+                             "use one policy per path, or upload.command")
+        p = Path(paths[0])
+        if not p.exists():
+            raise SourceError(f"source {p} does not exist")
+        if p.is_dir():
+            return "directory", str(p), (up.name if up and up.name else f"{p.name or 'root'}.tar")
+        return "file", str(p), (up.name if up and up.name else p.name)
+
+    @contextlib.contextmanager
+    def _open_source(self) -> Iterator[tuple[BinaryIO, Any]]:
+        """Yield (stream, finish): ``finish()`` raises if the producer failed (a command's
+        exit code, a tar error), after the stream has been read to the end."""
+        kind, what, _ = self._spec()
+        if kind == "file":
+            with open(what, "rb") as f:
+                yield f, lambda: None
+            return
+        r, w = os.pipe()
+        box: dict[str, Any] = {}
+
+        def produce() -> None:
+            try:
+                if kind == "directory":
+                    with os.fdopen(w, "wb", closefd=True) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                        tar.add(what, arcname=os.path.basename(what.rstrip("/")) or ".")
+                else:
+                    try:
+                        box["result"] = ex.run(list(self.leg.upload.command), stdout=w, check=False, timeout=7 * 24 * 3600)  # type: ignore[union-attr]
+                    finally:
+                        os.close(w)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+                box["error"] = exc
+
+        thread = threading.Thread(target=produce, name="upload-source", daemon=True)
+        thread.start()
+        reader = os.fdopen(r, "rb", buffering=0)
+
+        def finish() -> None:
+            thread.join()
+            if "error" in box:
+                err = box["error"]
+                raise SourceError(f"reading the source {what} failed: {err}") from err
+            res = box.get("result")
+            if res is not None and not res.ok:
+                raise SourceError(f"the source command exited {res.returncode}: {res.stderr_tail(3) or 'no message'}")
+
+        try:
+            yield reader, finish
+        finally:
+            reader.close()  # a producer still writing gets EPIPE and ends
+            thread.join(timeout=30)
+
+    # -- run -----------------------------------------------------------------------
+
+    def describe(self) -> str:
+        kind, what, name = self._spec()
+        return f"would stream the {kind} {what} to {self.leg.to}: {self.base}/<time>/{name} (+ {MANIFEST})"
+
+    def run(self, rec: Any) -> LegOutcome:
+        kind, what, name = self._spec()
+        when = self.ctx.now().astimezone(timezone.utc).replace(microsecond=0)
+        point_id = f"{self.base}/{when:{TIME_FORMAT}}"
+        key = f"{point_id}/{name}"
+        store = self.store
+        part = (self.leg.upload.part_size_mb if self.leg.upload else 16) * 1024 * 1024
+        meta = {"drtool-policy": self.policy.name, "drtool-leg": self.leg.leg_name, "drtool-point": point_id}
+        with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: upload → {self.leg.to}") as task:
+            with self._open_source() as (stream, finish):
+                rec.start()
+                try:
+                    res = store.put_stream(key, stream, metadata=meta, part_size=part, progress=lambda n: task.update(completed=n))
+                except BaseException:
+                    stream.close()  # the producer gets EPIPE instead of blocking on a full pipe
+                    finish_quietly(finish)
+                    raise
+                try:
+                    finish()
+                except SourceError:
+                    store.delete(key, version=res.version)  # an incomplete source is never kept
+                    raise
+        if res.size == 0:
+            store.delete(key, version=res.version)
+            raise SourceError(f"the source {what} was empty: nothing was kept")
+        manifest = {
+            "format": MANIFEST_FORMAT, "policy": self.policy.name, "leg": self.leg.leg_name, "point": point_id,
+            "created": when.isoformat(), "object": key, "name": name, "size": res.size, "sha256": res.sha256_hex,
+            "md5": res.md5_hex, "crc32c": res.crc32c_b64, "version": res.version, "store_checksum": res.store_checksum,
+            "source": {"kind": kind, "what": what},
+        }
+        store.put_stream(f"{point_id}/{MANIFEST}", io.BytesIO(json.dumps(manifest, indent=1).encode()), metadata=meta)
+        point = RecoveryPoint(id=point_id, time=when, location=self.leg.to, policy=self.policy.name, leg=self.leg.leg_name,  # type: ignore[arg-type]
+                              size_bytes=res.size, checksum=f"sha256:{res.sha256_hex}", meta={"object": key})
+        return LegOutcome(point=point, bytes_processed=res.size, detail={"manifest": manifest},
+                          message=f"uploaded {res.size} bytes to {self.leg.to}:{key} (sha256 {res.sha256_hex[:12]}…, store checksum matched)")
+
+    # -- points --------------------------------------------------------------------
+
+    def _listing(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """point id -> {"objects": {name: ObjectInfo}}, for the points under ``prefix``."""
+        out: dict[str, dict[str, Any]] = {}
+        for info in self.store.list(prefix):
+            parts = info.key.split("/")
+            if len(parts) != 4:  # policy/leg/time/name
+                continue
+            out.setdefault("/".join(parts[:3]), {"objects": {}})["objects"][parts[3]] = info
+        return out
+
+    def _points(self, prefix: str) -> list[RecoveryPoint]:
+        points = []
+        for pid, entry in self._listing(prefix).items():
+            objs = entry["objects"]
+            policy, leg, stamp = pid.split("/")
+            try:
+                when = datetime.strptime(stamp, TIME_FORMAT).replace(tzinfo=timezone.utc)
+            except ValueError:
+                continue
+            if MANIFEST not in objs:
+                log.info("%s: %s has no manifest (an interrupted upload): not a recovery point", self.leg.to, pid)
+                continue
+            data = [o for n, o in objs.items() if n != MANIFEST]
+            size = sum(o.size for o in data)
+            until = max((o.retain_until for o in objs.values() if o.retain_until), default=None)
+            points.append(RecoveryPoint(id=pid, time=when, location=self.leg.to, policy=policy, leg=leg, size_bytes=size,  # type: ignore[arg-type]
+                                        meta={"objects": sorted(objs), "retain_until": until.isoformat() if until else None}))
+        return sorted(points, key=lambda p: p.time)
+
+    def points(self) -> list[RecoveryPoint]:
+        return self._points(self.base + "/")
+
+    def location_points(self) -> list[RecoveryPoint]:
+        return self._points("")
+
+    def delete(self, point_ids: list[str]) -> list[str]:
+        """Delete points (data first, manifest last); returns those the store's retention
+        or lock refused: blocked, not failed."""
+        blocked = []
+        mine = {p.id for p in self.points()}
+        for pid in point_ids:
+            if pid not in mine:
+                raise BackendError(f"refusing to delete {pid}: not an upload drtool made for {self.base}")
+            objs = self._listing(pid + "/").get(pid, {"objects": {}})["objects"]
+            # ask first: on a versioned bucket a plain delete "succeeds" with a delete marker
+            # while the locked data stays; a point under retention is left whole instead
+            now = self.ctx.now()
+            stats = {name: self.store.stat(f"{pid}/{name}") for name in objs}
+            held = [f"{n} (until {i.retain_until:%Y-%m-%d %H:%M}Z)" if i.retain_until else f"{n} (legal hold)"
+                    for n, i in stats.items() if (i.retain_until and i.retain_until > now) or i.legal_hold]
+            if held:
+                log.warning("%s: %s is under retention, kept: %s", self.leg.to, pid, ", ".join(held))
+                blocked.append(pid)
+                continue
+            try:
+                for name in sorted(objs, key=lambda n: n == MANIFEST):  # data first, the manifest last
+                    self.store.delete(f"{pid}/{name}", version=stats[name].version)
+            except ObjectLocked as exc:
+                log.warning("%s: %s is under retention, kept: %s", self.leg.to, pid, exc)
+                blocked.append(pid)
+        return blocked
+
+    # -- verify --------------------------------------------------------------------
+
+    def _manifest(self, point: RecoveryPoint) -> dict[str, Any]:
+        buf = io.BytesIO()
+        try:
+            self.store.get_stream(f"{point.id}/{MANIFEST}", buf)
+        except ObjectNotFound:
+            raise BackendError(f"{point.id}: its manifest is gone") from None
+        doc = json.loads(buf.getvalue())
+        if doc.get("format") != MANIFEST_FORMAT:
+            raise BackendError(f"{point.id}: unknown manifest format {doc.get('format')!r}")
+        return doc
+
+    def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
+        """integrity: the newest point is downloaded and re-hashed against its manifest,
+        and the store's own checksum must still be the one recorded at upload."""
+        import hashlib
+
+        point = points[-1]
+        doc = self._manifest(point)
+        info = self.store.stat(doc["object"])
+        problems = []
+        if info.size != doc["size"]:
+            problems.append(f"size {info.size} ≠ {doc['size']} in the manifest")
+        if info.md5_hex and doc.get("md5") and info.md5_hex != doc["md5"]:
+            problems.append("the store's MD5 differs from the manifest's")
+        if info.crc32c_b64 and doc.get("crc32c") and info.crc32c_b64 != doc["crc32c"]:
+            problems.append("the store's CRC32C differs from the manifest's")
+
+        class _Hash(io.RawIOBase):
+            def __init__(self) -> None:
+                self.h, self.n = hashlib.sha256(), 0
+
+            def writable(self) -> bool:
+                return True
+
+            def write(self, b: Any) -> int:
+                self.h.update(b)
+                self.n += len(b)
+                return len(b)
+
+        sink = _Hash()
+        self.store.get_stream(doc["object"], sink)  # type: ignore[arg-type]
+        if sink.h.hexdigest() != doc["sha256"]:
+            problems.append(f"downloaded SHA-256 {sink.h.hexdigest()[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
+        msg = "; ".join(problems) or f"{point.id}: downloaded {sink.n} bytes, SHA-256 matches the manifest"
+        return {"level": "integrity", "ok": not problems, "message": (f"{point.id}: " + msg) if problems else msg}
+
+    def immutability(self) -> tuple[bool, str]:
+        """(immutable, how we know), read from the bucket."""
+        return describe_retention(self.store.retention_state())
+
+    def commands(self) -> list[dict[str, Any]]:
+        return []
+
+
+def describe_retention(state: RetentionState) -> tuple[bool, str]:
+    if state.immutable:
+        days = (state.default_retention_s or 0) / 86400
+        return True, f"read from the bucket: {state.default_mode or 'retention'} {days:g} day(s)" + (", locked" if state.locked else "")
+    why = "no object lock or retention policy" if not state.lock_enabled else "a lock without a default retention period"
+    return False, f"read from the bucket: {why}"
+
+
+def finish_quietly(finish: Any) -> None:
+    try:
+        finish()
+    except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+        log.debug("source also failed", exc_info=True)
