@@ -3,7 +3,8 @@
 Checksum proof
 --------------
 Every byte is read once, through ``HashingReader`` (SHA-256 for the manifest, MD5,
-CRC32C), one part (``part_size`` bytes) at a time, so memory stays constant. From the
+CRC32C), one part (``part_size`` bytes) at a time; up to ``PARALLEL_PARTS`` parts are
+uploaded at once while the next is read, so memory stays at about five parts. From the
 same bytes we compute the ETag S3 must answer with:
 
 * one ``put_object`` (the object is smaller than one part): the hex MD5 of the bytes;
@@ -18,7 +19,9 @@ upload never leaves a visible object or a pending upload.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, BinaryIO, Iterator
 
@@ -31,6 +34,7 @@ from .objectstore import (DEFAULT_PART_SIZE, ChecksumMismatch, HashingReader, Ob
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
+PARALLEL_PARTS = 4  # parts in flight at once (boto3's TransferManager uses 10 threads)
 READ_CHUNK = 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchVersion", "NotFound"}
 _LOCKED = {"AccessDenied", "ObjectLocked"}  # AWS and SeaweedFS say AccessDenied; MinIO ObjectLocked
@@ -125,27 +129,41 @@ class S3Store:
 
     def _multipart(self, full: str, reader: HashingReader, data: bytes, part_size: int,
                    meta: dict[str, str]) -> tuple[dict, str]:
+        """Parts go up ``PARALLEL_PARTS`` at a time while the next ones are read (and hashed,
+        in order); memory stays at about PARALLEL_PARTS + 1 parts."""
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata=meta)["UploadId"]
+
+        def send(n: int, body: bytes) -> dict[str, Any]:
+            resp = self.client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=n, Body=body)
+            return {"PartNumber": n, "ETag": resp["ETag"]}
+
+        pool = ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="s3-part")
         try:
+            inflight: collections.deque[Future] = collections.deque()
             parts: list[dict[str, Any]] = []
             digests: list[bytes] = []
             while data:
-                if len(parts) == MAX_PARTS:
+                if len(digests) == MAX_PARTS:
                     raise ObjectStoreError(f"{self.name}: s3://{self.bucket}/{full}: more than {MAX_PARTS} parts "
                                            f"of {part_size} bytes; use a larger part_size")
-                n = len(parts) + 1
-                resp = self.client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=n, Body=data)
-                parts.append({"PartNumber": n, "ETag": resp["ETag"]})
                 digests.append(hashlib.md5(data).digest())
+                inflight.append(pool.submit(send, len(digests), data))
+                data = b""
+                if len(inflight) >= PARALLEL_PARTS:
+                    parts.append(inflight.popleft().result())
                 data = _read_part(reader, part_size)
+            parts.extend(f.result() for f in inflight)
             done = self.client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
                                                          MultipartUpload={"Parts": parts})
         except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             except (ClientError, BotoCoreError):
                 pass  # the original error matters more; a lifecycle rule reaps what is left
             raise
+        finally:
+            pool.shutdown(wait=False)
         return done, f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(parts)}"
 
     def _discard(self, full: str, version: str | None) -> str:
