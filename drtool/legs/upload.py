@@ -34,7 +34,7 @@ MANIFEST_FORMAT = "drtool-upload-manifest/1"
 
 
 class UploadLeg(LegDriver):
-    levels = ("integrity",)
+    levels = ("integrity", "sample")
 
     @property
     def store(self) -> ObjectStore:
@@ -52,6 +52,9 @@ class UploadLeg(LegDriver):
         up = self.leg.upload
         if up and up.command:
             return "command", " ".join(up.command), up.name or "stream"
+        if self._zfs_source():
+            snap = self._newest_snapshot()
+            return "zfs", snap.name, (up.name if up and up.name else f"{snap.snap}.zfs")
         paths = self.policy.source.paths
         if len(paths) != 1:
             raise UsageError(f"{self.policy.name}/{self.leg.leg_name}: an upload leg streams one path (the source has {len(paths)}); "
@@ -62,6 +65,30 @@ class UploadLeg(LegDriver):
         if p.is_dir():
             return "directory", str(p), (up.name if up and up.name else f"{p.name or 'root'}.tar")
         return "file", str(p), (up.name if up and up.name else p.name)
+
+    def _zfs_source(self) -> bool:
+        return getattr(self.ctx.cfg.location(self.policy.source.location), "type", "") == "zfs"
+
+    def _zfs(self) -> Any:
+        from ..backends.zfs import ZfsCli
+
+        loc = self.ctx.cfg.location(self.policy.source.location)
+        return self.ctx.backend(f"zfs:{self.policy.source.location}", lambda: ZfsCli(
+            ssh=loc.ssh, ssh_options=loc.ssh_options, features_cache=self.ctx.state_dir / "zfs-features.json"))  # type: ignore[attr-defined]
+
+    def _newest_snapshot(self) -> Any:
+        """The newest snapshot the policy's snapshot leg made: what a zfs upload sends (full stream)."""
+        from .zfs_legs import PROP_LEG, PROP_POLICY
+
+        legs = [leg.leg_name for leg in self.policy.legs if leg.kind == "snapshot"]
+        if not legs:
+            raise UsageError(f"{self.policy.name}/{self.leg.leg_name}: uploading a zfs source sends the policy's own snapshots: add a snapshot leg")
+        ds = self.policy.source.dataset
+        snaps = [s for s in self._zfs().list_snapshots(ds) if s.snap.startswith("drtool-")
+                 and s.properties.get(PROP_POLICY) == self.policy.name and s.properties.get(PROP_LEG) == legs[0]]
+        if not snaps:
+            raise SourceError(f"{ds} has no snapshot of {self.policy.name}/{legs[0]} yet: run the snapshot leg first")
+        return snaps[-1]
 
     @contextlib.contextmanager
     def _open_source(self) -> Iterator[tuple[BinaryIO, Any]]:
@@ -80,6 +107,14 @@ class UploadLeg(LegDriver):
                 if kind == "directory":
                     with os.fdopen(w, "wb", closefd=True) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                         tar.add(what, arcname=os.path.basename(what.rstrip("/")) or ".")
+                elif kind == "zfs":
+                    from ..backends.zfs import send_args
+
+                    cli = self._zfs()
+                    try:
+                        box["result"] = cli._run(cli.zfs_bin, *send_args(what, features=cli.features()), stdout=w, timeout=7 * 24 * 3600)
+                    finally:
+                        os.close(w)
                 else:
                     try:
                         box["result"] = ex.run(list(self.leg.upload.command), stdout=w, check=False, timeout=7 * 24 * 3600)  # type: ignore[union-attr]
@@ -90,7 +125,7 @@ class UploadLeg(LegDriver):
 
         thread = threading.Thread(target=produce, name="upload-source", daemon=True)
         thread.start()
-        reader = os.fdopen(r, "rb", buffering=0)
+        reader = _ProducerReader(r, thread)
 
         def finish() -> None:
             thread.join()
@@ -144,6 +179,9 @@ class UploadLeg(LegDriver):
             "md5": res.md5_hex, "crc32c": res.crc32c_b64, "version": res.version, "store_checksum": res.store_checksum,
             "source": {"kind": kind, "what": what},
         }
+        if kind == "zfs":
+            snap = self._newest_snapshot()
+            manifest["source_point"] = {"location": self.policy.source.location, "snapshot": snap.name, "guid": snap.guid}
         store.put_stream(f"{point_id}/{MANIFEST}", io.BytesIO(json.dumps(manifest, indent=1).encode()), metadata=meta)
         point = RecoveryPoint(id=point_id, time=when, location=self.leg.to, policy=self.policy.name, leg=self.leg.leg_name,  # type: ignore[arg-type]
                               size_bytes=res.size, checksum=f"sha256:{res.sha256_hex}", meta={"object": key})
@@ -229,7 +267,10 @@ class UploadLeg(LegDriver):
 
     def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
         """integrity: the newest point is downloaded and re-hashed against its manifest,
-        and the store's own checksum must still be the one recorded at upload."""
+        and the store's own checksum must still be the one recorded at upload.
+        sample: the download is restored through its consumer, and checked there."""
+        if level == "sample":
+            return self._sample(points[-1])
         import hashlib
 
         point = points[-1]
@@ -262,12 +303,97 @@ class UploadLeg(LegDriver):
         msg = "; ".join(problems) or f"{point.id}: downloaded {sink.n} bytes, SHA-256 matches the manifest"
         return {"level": "integrity", "ok": not problems, "message": (f"{point.id}: " + msg) if problems else msg}
 
+    def _sample(self, point: RecoveryPoint) -> dict[str, Any]:
+        """A zfs stream is received into a scratch dataset beside the source and its
+        snapshot guid compared with the manifest's (then destroyed); a tar is read member
+        by member to its end; anything else is re-hashed (as integrity)."""
+        doc = self._manifest(point)
+        kind = doc.get("source", {}).get("kind")
+        if kind == "zfs":
+            return self._sample_zfs(point, doc)
+        if kind == "directory":
+            r, w = os.pipe()
+            box: dict[str, Any] = {}
+
+            def fetch() -> None:
+                try:
+                    with os.fdopen(w, "wb") as out:
+                        box["n"] = self.store.get_stream(doc["object"], out)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    box["error"] = exc
+
+            t = threading.Thread(target=fetch, daemon=True)
+            t.start()
+            members = size = 0
+            try:
+                with os.fdopen(r, "rb") as inp, tarfile.open(fileobj=inp, mode="r|") as tar:
+                    for m in tar:
+                        members += 1
+                        if m.isfile():
+                            f = tar.extractfile(m)
+                            while f and (chunk := f.read(1 << 20)):
+                                size += len(chunk)
+            except (tarfile.TarError, OSError) as exc:
+                t.join()
+                return {"level": "sample", "ok": False, "message": f"{point.id}: the tar does not read back: {exc}"}
+            t.join()
+            if "error" in box:
+                return {"level": "sample", "ok": False, "message": f"{point.id}: download failed: {box['error']}"}
+            return {"level": "sample", "ok": True, "message": f"{point.id}: the tar reads back: {members} members, {size} bytes of file data"}
+        out = self.check("integrity", [point])
+        return {**out, "level": "sample"}
+
+    def _sample_zfs(self, point: RecoveryPoint, doc: dict[str, Any]) -> dict[str, Any]:
+        import secrets as _secrets
+
+        from ..backends.zfs import receive_args
+
+        cli = self._zfs()
+        root = self.ctx.cfg.location(self.policy.source.location).dataset  # type: ignore[attr-defined]
+        scratch = f"{root}/drtool-verify-{_secrets.token_hex(3)}"
+        r, w = os.pipe()
+        box: dict[str, Any] = {}
+
+        def fetch() -> None:
+            try:
+                with os.fdopen(w, "wb") as out:
+                    box["n"] = self.store.get_stream(doc["object"], out)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                box["error"] = exc
+
+        t = threading.Thread(target=fetch, daemon=True)
+        t.start()
+        try:
+            try:
+                res = cli._run(cli.zfs_bin, *receive_args(scratch, features=cli.features()), stdin=r, timeout=7 * 24 * 3600)
+            finally:
+                os.close(r)
+                t.join()
+            if "error" in box:
+                return {"level": "sample", "ok": False, "message": f"{point.id}: download failed: {box['error']}"}
+            if not res.ok:
+                return {"level": "sample", "ok": False, "message": f"{point.id}: zfs receive of the stream failed: {res.stderr_tail(2)}"}
+            got = {s.guid for s in cli.list_snapshots(scratch)}
+            want = doc.get("source_point", {}).get("guid")
+            ok = want in got
+            msg = (f"{point.id}: the stream received into {scratch}; snapshot guid {want} matches the source"
+                   if ok else f"{point.id}: received, but no snapshot with guid {want} (got {sorted(got)})")
+            return {"level": "sample", "ok": ok, "message": msg}
+        finally:
+            if cli.dataset_exists(scratch):
+                cli.destroy_dataset(scratch, recursive=True)
+
     def immutability(self) -> tuple[bool, str]:
         """(immutable, how we know), read from the bucket."""
         return describe_retention(self.store.retention_state())
 
     def commands(self) -> list[dict[str, Any]]:
-        return []
+        if not self._zfs_source():
+            return []
+        cli = self._zfs()
+        out = list(cli.commands)
+        cli.commands.clear()
+        return out
 
 
 def describe_retention(state: RetentionState) -> tuple[bool, str]:
@@ -283,3 +409,35 @@ def finish_quietly(finish: Any) -> None:
         finish()
     except Exception:  # noqa: BLE001 - the upload's own error is the one to report
         log.debug("source also failed", exc_info=True)
+
+
+class _ProducerReader(io.RawIOBase):
+    """The read end of a pipe fed by a producer thread. EOF comes when the pipe closes,
+    or when the producer has ended and nothing is left to read (zfs-fuse's daemon keeps
+    a copy of the write end of a `zfs send` pipe open)."""
+
+    def __init__(self, fd: int, producer: threading.Thread) -> None:
+        self.fd, self.producer = fd, producer
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        import select
+
+        n = 1 << 20 if n is None or n < 0 else n
+        while True:
+            if select.select([self.fd], [], [], 0.5)[0]:
+                return os.read(self.fd, n)
+            if not self.producer.is_alive():
+                return os.read(self.fd, n) if select.select([self.fd], [], [], 0)[0] else b""
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()

@@ -184,3 +184,47 @@ def test_empty_source_is_a_failure(fake_gcs, tmp_path):
     proc = _drtool(config, "run", check=1)
     assert "was empty" in proc.stdout
     assert list(fake_gcs.client().list_blobs(bucket)) == []
+
+
+def test_zfs_stream_upload_is_proven_by_a_receive_into_scratch(zfs, fake_gcs, tmp_path):
+    """A zfs source: the upload leg sends the newest snapshot of the policy's snapshot
+    leg as a full stream; sample verify downloads it and receives it into a scratch
+    dataset beside the source (real zfs-fuse), compares the snapshot guid with the
+    manifest's, and destroys the scratch dataset."""
+    from helpers import zfs_cmd
+
+    pool = zfs.make_pool("drup")
+    zfs_cmd("create", f"{pool}/docs")
+    for i in range(5):
+        (zfs.mountpoint(pool) / "docs" / f"f{i}.txt").write_text(f"file {i}\n" * 2000)
+    bucket = fake_gcs.make_bucket("zfsup")
+    config = tmp_path / "zfsup.yaml"
+    config.write_text(f"""\
+version: 1
+locations:
+  tank: {{type: zfs, dataset: {pool}, media: ssd, site: home, failure_domain: nas01}}
+{_gcs_location(fake_gcs, bucket)}
+    media: cloud-object
+    site: offsite
+    failure_domain: cloud
+policies:
+  - name: docs
+    source: {{location: tank, dataset: {pool}/docs}}
+    rpo: 1d
+    rto: 4h
+    legs:
+      - {{kind: snapshot, schedule: "@hourly", retention: {{keep_last: 3}}}}
+      - {{kind: upload, to: offsite, schedule: "@daily", verify: {{level: sample, every: 1d}}}}
+""")
+    doc = _json(config, "run")
+    snap_res, up_res = doc["results"]
+    assert snap_res["phase"] == "succeeded" and up_res["phase"] == "succeeded", doc
+    snap = snap_res["point"]
+    manifest = json.loads(fake_gcs.client().bucket(bucket).blob(f"lab/{up_res['point']}/manifest.json").download_as_bytes())
+    assert manifest["source"]["kind"] == "zfs" and manifest["source_point"]["snapshot"] == snap
+    guid = zfs_cmd("get", "-H", "-p", "-o", "value", "guid", snap).strip()
+    assert manifest["source_point"]["guid"] == guid
+    ver = next(v for v in doc["verifications"] if v["leg"] == "upload-offsite")
+    assert ver["ok"] and ver["level"] == "sample" and f"snapshot guid {guid} matches" in ver["message"], ver
+    leftovers = zfs_cmd("list", "-H", "-o", "name", "-r", pool)
+    assert "drtool-verify" not in leftovers  # the scratch dataset is gone
