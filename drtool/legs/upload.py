@@ -303,6 +303,39 @@ class UploadLeg(LegDriver):
         msg = "; ".join(problems) or f"{point.id}: downloaded {sink.n} bytes, SHA-256 matches the manifest"
         return {"level": "integrity", "ok": not problems, "message": (f"{point.id}: " + msg) if problems else msg}
 
+    def _download(self, key: str) -> tuple[int, threading.Thread, dict[str, Any]]:
+        """Start downloading ``key`` into a pipe: (read fd, the thread, its result box with
+        "n" bytes and "sha256", or "error"). The caller reads the fd, then joins the thread."""
+        import hashlib
+
+        r, w = os.pipe()
+        box: dict[str, Any] = {}
+
+        class _Tee(io.RawIOBase):
+            def __init__(self, out: BinaryIO) -> None:
+                self.out, self.h = out, hashlib.sha256()
+
+            def writable(self) -> bool:
+                return True
+
+            def write(self, b: Any) -> int:
+                self.h.update(b)
+                self.out.write(b)
+                return len(b)
+
+        def fetch() -> None:
+            try:
+                with os.fdopen(w, "wb") as out:
+                    tee = _Tee(out)
+                    box["n"] = self.store.get_stream(key, tee)  # type: ignore[arg-type]
+                    box["sha256"] = tee.h.hexdigest()
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller
+                box["error"] = exc
+
+        t = threading.Thread(target=fetch, name="download", daemon=True)
+        t.start()
+        return r, t, box
+
     def _sample(self, point: RecoveryPoint) -> dict[str, Any]:
         """A zfs stream is received into a scratch dataset beside the source and its
         snapshot guid compared with the manifest's (then destroyed); a tar is read member
@@ -312,18 +345,7 @@ class UploadLeg(LegDriver):
         if kind == "zfs":
             return self._sample_zfs(point, doc)
         if kind == "directory":
-            r, w = os.pipe()
-            box: dict[str, Any] = {}
-
-            def fetch() -> None:
-                try:
-                    with os.fdopen(w, "wb") as out:
-                        box["n"] = self.store.get_stream(doc["object"], out)
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    box["error"] = exc
-
-            t = threading.Thread(target=fetch, daemon=True)
-            t.start()
+            r, t, box = self._download(doc["object"])
             members = size = 0
             try:
                 with os.fdopen(r, "rb") as inp, tarfile.open(fileobj=inp, mode="r|") as tar:
@@ -351,18 +373,7 @@ class UploadLeg(LegDriver):
         cli = self._zfs()
         root = self.ctx.cfg.location(self.policy.source.location).dataset  # type: ignore[attr-defined]
         scratch = f"{root}/drtool-verify-{_secrets.token_hex(3)}"
-        r, w = os.pipe()
-        box: dict[str, Any] = {}
-
-        def fetch() -> None:
-            try:
-                with os.fdopen(w, "wb") as out:
-                    box["n"] = self.store.get_stream(doc["object"], out)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                box["error"] = exc
-
-        t = threading.Thread(target=fetch, daemon=True)
-        t.start()
+        r, t, box = self._download(doc["object"])
         try:
             try:
                 res = cli._run(cli.zfs_bin, *receive_args(scratch, features=cli.features()), stdin=r, timeout=7 * 24 * 3600)
@@ -382,6 +393,64 @@ class UploadLeg(LegDriver):
         finally:
             if cli.dataset_exists(scratch):
                 cli.destroy_dataset(scratch, recursive=True)
+
+    # -- restore -------------------------------------------------------------------
+
+    def restore_preflight(self, target: str | None, *, force: bool = False, rollback: bool = False) -> None:
+        if rollback or not target:
+            raise UsageError("an upload restores into --target: a directory (files, tar), or a new dataset (zfs streams)")
+        if self._zfs_source():
+            if self._zfs().dataset_exists(target):
+                raise UsageError(f"{target} already exists: a zfs stream is received into a new dataset")
+            return
+        tgt = Path(target)
+        if tgt.exists() and any(tgt.iterdir()) and not force:
+            raise UsageError(f"{target} is not empty: restore into an empty directory (or pass --force)")
+
+    def restore(self, point: RecoveryPoint, target: str | None, *, include: tuple[str, ...] = (), force: bool = False,
+                rollback: bool = False, destroy_newer: bool = False) -> LegOutcome:
+        """Download the point into ``target``, hashing the bytes on the way: the SHA-256 must
+        equal the manifest's (a zfs stream must also land with the manifest's snapshot guid)."""
+        assert target
+        doc = self._manifest(point)
+        kind = doc.get("source", {}).get("kind")
+        r, t, box = self._download(doc["object"])
+        mismatches: list[str] = []
+        try:
+            if kind == "zfs":
+                from ..backends.zfs import receive_args
+
+                cli = self._zfs()
+                res = cli._run(cli.zfs_bin, *receive_args(target, features=cli.features()), stdin=r, timeout=7 * 24 * 3600)
+                if not res.ok:
+                    mismatches.append(f"zfs receive into {target} failed: {res.stderr_tail(2)}")
+                else:
+                    want = doc.get("source_point", {}).get("guid")
+                    if want not in {s.guid for s in cli.list_snapshots(target)}:
+                        mismatches.append(f"{target} holds no snapshot with the manifest's guid {want}")
+            elif kind == "directory":
+                if not hasattr(tarfile, "data_filter"):  # Python < 3.11.4: no safe extraction filter
+                    raise UsageError("restoring a tar needs Python 3.11.4 or later (tarfile's 'data' extraction filter)")
+                Path(target).mkdir(parents=True, exist_ok=True)
+                with os.fdopen(r, "rb", closefd=False) as inp, tarfile.open(fileobj=inp, mode="r|") as tar:
+                    tar.extractall(target, filter="data")  # no absolute paths, no links out of the target
+                    for _ in iter(lambda: inp.read(1 << 20), b""):  # drain the padding, so the hash covers every byte
+                        pass
+            else:
+                Path(target).mkdir(parents=True, exist_ok=True)
+                with open(Path(target) / doc["name"], "wb") as out, os.fdopen(r, "rb", closefd=False) as inp:
+                    while chunk := inp.read(1 << 20):
+                        out.write(chunk)
+        finally:
+            os.close(r)
+            t.join()
+        if "error" in box:
+            raise BackendError(f"downloading {doc['object']} failed: {box['error']}")
+        if box.get("sha256") != doc["sha256"]:
+            mismatches.append(f"downloaded SHA-256 {str(box.get('sha256'))[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
+        what = {"zfs": f"received into {target}", "directory": f"extracted into {target}"}.get(kind, f"written to {target}/{doc['name']}")
+        return LegOutcome(point=point, bytes_processed=box.get("n"), detail={"mismatches": mismatches, "manifest": doc},
+                          message=f"{point.id}: {box.get('n')} bytes {what}" + ("; SHA-256 matches the manifest" if not mismatches else ""))
 
     def immutability(self) -> tuple[bool, str]:
         """(immutable, how we know), read from the bucket."""

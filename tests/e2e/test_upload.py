@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DRTOOL, make_tree
+from helpers import DRTOOL, make_tree, tree_digest
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,6 +100,12 @@ def test_directory_to_gcs_is_proven_then_corruption_is_caught(fake_gcs, tmp_path
     inv = _json(config, "inventory")["locations"]["offsite"]
     assert [p["id"] for p in inv["points"]] == [point]
 
+    # restore: the tar is extracted, and the download's SHA-256 must equal the manifest's
+    restored = tmp_path / "restored"
+    doc = _json(config, "restore", "--policy", "docs", "--target", str(restored))
+    assert doc["ok"] and "SHA-256 matches the manifest" in doc["message"], doc
+    assert tree_digest(restored / src.name) == tree_digest(src)
+
     # someone replaces the object in the bucket: verify notices
     client.bucket(bucket).blob(f"lab/{point}/{src.name}.tar").upload_from_string(data[:-10] + b"x" * 10)
     doc = _json(config, "verify", check=1)
@@ -128,6 +134,10 @@ def test_command_stream_to_s3_and_a_failing_command_keeps_nothing(seaweedfs, tmp
     assert doc["results"][0]["phase"] == "succeeded" and doc["results"][0]["bytes_processed"] == 12_000_000, doc
     assert doc["verifications"][0]["ok"], doc
     assert seaweedfs.access_key not in json.dumps(doc)
+
+    restored = tmp_path / "stream-restored"
+    doc = _json(config, "restore", "--policy", "docs", "--target", str(restored), env=env)
+    assert doc["ok"] and (restored / "stream.bin").stat().st_size == 12_000_000, doc
 
     time.sleep(1.1)
     bad = _policy(tmp_path, _s3_location(seaweedfs, bucket), "{location: nas}",
@@ -228,3 +238,11 @@ policies:
     assert ver["ok"] and ver["level"] == "sample" and f"snapshot guid {guid} matches" in ver["message"], ver
     leftovers = zfs_cmd("list", "-H", "-o", "name", "-r", pool)
     assert "drtool-verify" not in leftovers  # the scratch dataset is gone
+
+    # restore: the stream is received into a new dataset, with the source snapshot's guid
+    doc = _json(config, "restore", "--policy", "docs", "--leg", "upload-offsite", "--target", f"{pool}/restored")
+    assert doc["ok"], doc
+    clone = f"{pool}/restored-check"
+    zfs_cmd("clone", zfs_cmd("list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{pool}/restored").split()[0], clone)
+    for i in range(5):
+        assert (zfs.mountpoint(pool) / "restored-check" / f"f{i}.txt").read_text() == f"file {i}\n" * 2000
