@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /var/tmp/drtool-demo
 
-.PHONY: install test demo docs bench bench-zfs bench-parity clean-demo
+.PHONY: install test demo docs bench bench-zfs bench-parity bench-upload clean-demo
 
 install:
 	@scripts/install-deps.sh
@@ -25,6 +25,9 @@ bench-zfs: install
 
 bench-parity: install
 	$(PY) bench/parity_overhead.py
+
+bench-upload: install
+	$(PY) bench/upload_throughput.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

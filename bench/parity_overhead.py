@@ -32,12 +32,13 @@ from /proc; snapraid is not in it).
     .venv/bin/python bench/parity_overhead.py [--backing loop|tmpfs] [--cold|--no-cold]
         [--rounds 6] [--mb N] [--initial-mb N] [--disk-mb N]
 
-Size defaults by backing: loop --mb 1000 --initial-mb 1000 --disk-mb 3000 (4 sparse
-images of 3000 MB; refused if that is over 40% of the free space in /var/tmp),
-tmpfs --mb 150 --initial-mb 200 --disk-mb 400. On tmpfs everything sits in RAM, so
-snapraid hashes and computes parity at memory speed: a 150 MB change set syncs in
-about a second, and a fixed cost per drtool run weighs on the ratio accordingly;
-loop disks with a cold cache are the realistic case.
+Size defaults by backing: loop --mb 3500 --initial-mb 1000 --disk-mb 4500 (4 sparse
+images of 4500 MB, refused if that is over 40% of the free space in /var/tmp; a bare
+diff+sync of a change set takes well over 10 s from a cold cache on a virtio disk), tmpfs
+--mb 150 --initial-mb 200 --disk-mb 400. On tmpfs everything sits in RAM, so snapraid
+hashes and computes parity at memory speed (about 2.5 s for 150 MB), and a fixed cost
+per drtool run weighs on the ratio accordingly; loop disks with a cold cache are the
+realistic case.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ from backup_overhead import peak_rss_kb  # noqa: E402  (one VmHWM poller for eve
 MODIFY_BYTES = 1 << 20  # a modified initial file is rewritten with this much new data
 CHUNK = 4 << 20
 VAR_TMP = Path("/var/tmp")
-SIZES = {"loop": {"mb": 1000, "initial_mb": 1000, "disk_mb": 3000},  # per --backing, unless given
+SIZES = {"loop": {"mb": 3500, "initial_mb": 1000, "disk_mb": 4500},  # per --backing, unless given
          "tmpfs": {"mb": 150, "initial_mb": 200, "disk_mb": 400}}
 MAX_IMAGES_SHARE = 0.4  # the loop images (sparse, 4 x --disk-mb at most) vs free space in /var/tmp
 
@@ -202,9 +203,9 @@ def main() -> None:
                     help="the disks: ext4 on loop devices over images in /var/tmp (default), or tmpfs")
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=None,
                     help="drop the page cache before each timed side (default: on for loop, off for tmpfs)")
-    ap.add_argument("--mb", type=int, help="new data per change set, i.e. per side per round (default 1000 loop, 150 tmpfs)")
+    ap.add_argument("--mb", type=int, help="new data per change set, i.e. per side per round (default 3500 loop, 150 tmpfs)")
     ap.add_argument("--rounds", type=int, default=6, help="rounded up to an even number: each side goes first equally often")
-    ap.add_argument("--disk-mb", type=int, help="size of each disk, 3 data + 1 parity (default 3000 loop, 400 tmpfs)")
+    ap.add_argument("--disk-mb", type=int, help="size of each disk, 3 data + 1 parity (default 4500 loop, 400 tmpfs)")
     ap.add_argument("--initial-mb", type=int, help="initial fill, synced untimed (default 1000 loop, 200 tmpfs)")
     ap.add_argument("--delete", type=int, default=5, help="initial files deleted per change set (default 5)")
     ap.add_argument("--modify", type=int, default=5, help="initial files rewritten per change set (default 5)")
