@@ -129,6 +129,8 @@ def _reason(e: gexc.GoogleAPICallError) -> str:
 class GcsStore:
     """A GCS bucket (and key prefix) drtool uploads recovery points to."""
 
+    default_part_size = DEFAULT_PART_SIZE  # resumable chunks go one at a time: ~2 chunks of memory
+
     def __init__(self, name: str, bucket: str, prefix: str = "", *, endpoint: str | None = None,
                  project: str | None = None, credentials_info: dict | None = None,
                  client: storage.Client | None = None, retry_deadline_s: float = 60.0) -> None:

@@ -76,7 +76,7 @@ class PutResult:
     key: str
     size: int
     sha256_hex: str  # ours, for the manifest
-    md5_hex: str
+    md5_hex: str  # of the whole object; "" where the store proves uploads per part (S3 multipart)
     crc32c_b64: str
     version: str | None
     store_checksum: dict[str, str]  # what the store reported: {"md5_hex": …} / {"crc32c_b64": …} / {"etag": …}
@@ -87,6 +87,7 @@ class ObjectStore(Protocol):
     """A bucket (and key prefix) drtool uploads recovery points to."""
 
     name: str  # the location name, for messages
+    default_part_size: int  # what ``put_stream`` is given when the policy does not say
 
     def put_stream(self, key: str, stream: BinaryIO, *, metadata: dict[str, str] | None = None,
                    part_size: int = DEFAULT_PART_SIZE, progress: ProgressFn | None = None) -> PutResult:
@@ -117,11 +118,13 @@ class ObjectStore(Protocol):
 class HashingReader:
     """Wraps a binary stream: every byte read is counted and hashed (SHA-256, MD5, CRC32C)."""
 
-    def __init__(self, raw: BinaryIO, progress: ProgressFn | None = None) -> None:
+    def __init__(self, raw: BinaryIO, progress: ProgressFn | None = None, *, md5: bool = True) -> None:
+        """``md5=False``: skip the whole-stream MD5 (a store that proves uploads by
+        per-part MD5s, as S3 multipart does, does not need it; it costs a hash pass)."""
         import google_crc32c  # the C extension; part of the gcs extra and the test extra
 
         self.raw, self.progress, self.size = raw, progress, 0
-        self._sha, self._md5 = hashlib.sha256(), hashlib.md5()
+        self._sha, self._md5 = hashlib.sha256(), (hashlib.md5() if md5 else None)
         self._crc = google_crc32c.Checksum()
 
     def read(self, n: int = -1) -> bytes:
@@ -129,7 +132,8 @@ class HashingReader:
         if data:
             self.size += len(data)
             self._sha.update(data)
-            self._md5.update(data)
+            if self._md5 is not None:
+                self._md5.update(data)
             self._crc.update(data)
             if self.progress:
                 self.progress(self.size)
@@ -144,7 +148,7 @@ class HashingReader:
 
     @property
     def md5_hex(self) -> str:
-        return self._md5.hexdigest()
+        return self._md5.hexdigest() if self._md5 is not None else ""
 
     @property
     def crc32c_b64(self) -> str:

@@ -35,6 +35,7 @@ from .objectstore import (DEFAULT_PART_SIZE, ChecksumMismatch, HashingReader, Ob
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
 PARALLEL_PARTS = 4  # parts in flight at once (boto3's TransferManager uses 10 threads)
+S3_PART_SIZE = 8 * 1024 * 1024  # 4 in flight + 1 being read: ~40 MiB of buffers
 READ_CHUNK = 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchVersion", "NotFound"}
 _LOCKED = {"AccessDenied", "ObjectLocked"}  # AWS and SeaweedFS say AccessDenied; MinIO ObjectLocked
@@ -87,6 +88,8 @@ class S3Store:
                                   aws_secret_access_key=secret_key, config=config)
         self.client = client
 
+    default_part_size = S3_PART_SIZE
+
     def __repr__(self) -> str:
         return f"S3Store({self.name!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
 
@@ -116,12 +119,13 @@ class S3Store:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size {part_size} is below S3's minimum of {MIN_PART_SIZE} bytes")
         full, meta = self._key(key), dict(metadata or {})
-        reader = HashingReader(stream, progress)
+        reader = HashingReader(stream, progress, md5=False)  # the ETag proof uses per-part MD5s
         data = _read_part(reader, part_size)
+        whole_md5 = ""
         try:
             if len(data) < part_size:  # the whole object fits in one part
                 resp = self.client.put_object(Bucket=self.bucket, Key=full, Body=data, Metadata=meta)
-                expected = reader.md5_hex  # the whole stream is ``data``
+                expected = whole_md5 = hashlib.md5(data).hexdigest()  # the whole stream is ``data``
             else:
                 first, data = [data], b""  # handed over: the multipart loop drops it once sent
                 resp, expected = self._multipart(full, reader, first, part_size, meta)
@@ -132,7 +136,7 @@ class S3Store:
             why = self._discard(full, version)
             raise ChecksumMismatch(f"{self.name}: s3://{self.bucket}/{full}: store ETag {etag!r} != ours "
                                    f"{expected!r} for {reader.size} bytes; {why}")
-        return PutResult(key=key, size=reader.size, sha256_hex=reader.sha256_hex, md5_hex=reader.md5_hex,
+        return PutResult(key=key, size=reader.size, sha256_hex=reader.sha256_hex, md5_hex=whole_md5,
                          crc32c_b64=reader.crc32c_b64, version=version, store_checksum={"etag": etag})
 
     def _multipart(self, full: str, reader: HashingReader, first: list[bytes], part_size: int,

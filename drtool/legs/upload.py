@@ -154,7 +154,8 @@ class UploadLeg(LegDriver):
         point_id = f"{self.base}/{when:{TIME_FORMAT}}"
         key = f"{point_id}/{name}"
         store = self.store
-        part = (self.leg.upload.part_size_mb if self.leg.upload else 16) * 1024 * 1024
+        mb = self.leg.upload.part_size_mb if self.leg.upload else None
+        part = mb * 1024 * 1024 if mb else store.default_part_size
         meta = {"drtool-policy": self.policy.name, "drtool-leg": self.leg.leg_name, "drtool-point": point_id}
         with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: upload → {self.leg.to}") as task:
             with self._open_source() as (stream, finish):

@@ -265,8 +265,9 @@ class UploadSpec(Strict):
         "argv, never a shell; secrets by environment, not in argv.", examples=[["etcdctl", "snapshot", "save", "/dev/stdout"]], min_length=1)
     name: str | None = Field(None, description="Object name under the point's prefix. Default: the source's base name (plus .tar for a "
                              "directory), or 'stream' for a command.", examples=["etcd.db"], pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    part_size_mb: int = Field(16, ge=5, le=512, description="Multipart (S3) / resumable chunk (GCS) size; memory use is about two parts.",
-                              examples=[16])
+    part_size_mb: int | None = Field(None, ge=5, le=512, description="Multipart part (S3) / resumable chunk (GCS) size in MiB. "
+                                     "Default: 8 for S3 (4 parts in flight: ~40 MiB of buffers), 16 for GCS (~2 chunks).",
+                                     examples=[16])
 
 
 LegKind = Literal["snapshot", "replicate", "backup", "upload", "parity"]
