@@ -1,10 +1,9 @@
 """mergerfs pools: which branches a pool spans, whether each is really mounted, and
-which branch holds a path.
+which disks hold a path.
 
 mergerfs answers on its control file ``<pool>/.mergerfs``: the xattr
 ``user.mergerfs.srcmounts`` lists the branches (``a:b:c``, each possibly with
-``=RW``/``=RO``/``=NC``); ``user.mergerfs.basepath`` on a file names the branch it
-lives on. No command runs: these are filesystem calls.
+``=RW``/``=RO``/``=NC``). No command runs: these are filesystem calls.
 
 A missing disk is the failure other tools miss: its mount point stays as an empty
 directory, mergerfs keeps serving the other branches, and a parity sync would then
@@ -84,14 +83,6 @@ def check_branches(pool: str | os.PathLike | None, disks: dict[str, Path]) -> li
                 if os.path.normpath(path) not in listed:
                     problems.append(f"disk {name}: {path} is not a branch of the mergerfs pool {pool}")
     return problems
-
-
-def branch_of(pool: str | os.PathLike, path: str | os.PathLike) -> str | None:
-    """The branch holding ``path`` (a path inside the pool), or None when it does not exist."""
-    try:
-        return os.path.normpath(os.getxattr(path, "user.mergerfs.basepath").decode())
-    except OSError:
-        return None
 
 
 def map_paths(pool: str | os.PathLike, paths: list[str], disks: dict[str, Path]) -> dict[str, list[str]]:

@@ -103,9 +103,6 @@ class Changes:
     def any(self) -> bool:
         return any(self.counts[k] for k in CHANGE_KINDS)
 
-    def percent(self, kind: str) -> float:
-        return 100.0 * self.counts[kind] / self.known if self.known else (100.0 if self.counts[kind] else 0.0)
-
 
 @dataclass
 class Outcome:
