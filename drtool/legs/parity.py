@@ -272,8 +272,7 @@ class SnapraidParityLeg(LegDriver):
                 rollback: bool = False, destroy_newer: bool = False) -> LegOutcome:
         cli = self._cli()
         filters, disk, rels = self._selection(target, include)
-        plan_msg, plan = self.restore_plan(point, target, include)
-        log.info("%s", plan_msg)
+        # no `check` first (that is --dry-run's listing): fix's own log says what it recovered
         fixed = cli.fix(filters=filters, disk=disk, bad_blocks=not filters and not disk)
         recovered = [tuple(x.split(":", 1)) for x in fixed.status.get("recovered", [])]
         meta = self._meta(cli)
@@ -296,7 +295,7 @@ class SnapraidParityLeg(LegDriver):
         msg = (f"fixed {len(recovered)} file(s)" + (f" on disk {disk}" if disk else "") + f", restored mode/owner of {restored_modes}"
                + ("; checked: the fixed data matches the parity" if not mismatches else ""))
         return LegOutcome(point=point, message=msg, warnings=meta_problems,
-                          detail={"plan": plan, "fixed": fixed.status, "summary": fixed.summary, "mismatches": mismatches,
+                          detail={"fixed": fixed.status, "summary": fixed.summary, "mismatches": mismatches,
                                   "asked": rels})
 
     def commands(self) -> list[dict[str, Any]]:
