@@ -10,6 +10,7 @@ the source is read through a pipe and sent part by part.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -272,8 +273,6 @@ class UploadLeg(LegDriver):
         sample: the download is restored through its consumer, and checked there."""
         if level == "sample":
             return self._sample(points[-1])
-        import hashlib
-
         point = points[-1]
         doc = self._manifest(point)
         info = self.store.stat(doc["object"])
@@ -285,51 +284,25 @@ class UploadLeg(LegDriver):
         if info.crc32c_b64 and doc.get("crc32c") and info.crc32c_b64 != doc["crc32c"]:
             problems.append("the store's CRC32C differs from the manifest's")
 
-        class _Hash(io.RawIOBase):
-            def __init__(self) -> None:
-                self.h, self.n = hashlib.sha256(), 0
-
-            def writable(self) -> bool:
-                return True
-
-            def write(self, b: Any) -> int:
-                self.h.update(b)
-                self.n += len(b)
-                return len(b)
-
-        sink = _Hash()
+        sink = _HashingSink()
         self.store.get_stream(doc["object"], sink)  # type: ignore[arg-type]
-        if sink.h.hexdigest() != doc["sha256"]:
-            problems.append(f"downloaded SHA-256 {sink.h.hexdigest()[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
+        if sink.sha256.hexdigest() != doc["sha256"]:
+            problems.append(f"downloaded SHA-256 {sink.sha256.hexdigest()[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
         msg = "; ".join(problems) or f"{point.id}: downloaded {sink.n} bytes, SHA-256 matches the manifest"
         return {"level": "integrity", "ok": not problems, "message": (f"{point.id}: " + msg) if problems else msg}
 
     def _download(self, key: str) -> tuple[int, threading.Thread, dict[str, Any]]:
         """Start downloading ``key`` into a pipe: (read fd, the thread, its result box with
         "n" bytes and "sha256", or "error"). The caller reads the fd, then joins the thread."""
-        import hashlib
-
         r, w = os.pipe()
         box: dict[str, Any] = {}
-
-        class _Tee(io.RawIOBase):
-            def __init__(self, out: BinaryIO) -> None:
-                self.out, self.h = out, hashlib.sha256()
-
-            def writable(self) -> bool:
-                return True
-
-            def write(self, b: Any) -> int:
-                self.h.update(b)
-                self.out.write(b)
-                return len(b)
 
         def fetch() -> None:
             try:
                 with os.fdopen(w, "wb") as out:
-                    tee = _Tee(out)
+                    tee = _HashingSink(out)
                     box["n"] = self.store.get_stream(key, tee)  # type: ignore[arg-type]
-                    box["sha256"] = tee.h.hexdigest()
+                    box["sha256"] = tee.sha256.hexdigest()
             except BaseException as exc:  # noqa: BLE001 - reported by the caller
                 box["error"] = exc
 
@@ -367,33 +340,24 @@ class UploadLeg(LegDriver):
         return {**out, "level": "sample"}
 
     def _sample_zfs(self, point: RecoveryPoint, doc: dict[str, Any]) -> dict[str, Any]:
+        """The restore path itself, into a scratch dataset beside the source, then destroyed."""
         import secrets as _secrets
-
-        from ..backends.zfs import receive_args
 
         cli = self._zfs()
         root = self.ctx.cfg.location(self.policy.source.location).dataset  # type: ignore[attr-defined]
         scratch = f"{root}/drtool-verify-{_secrets.token_hex(3)}"
-        r, t, box = self._download(doc["object"])
         try:
-            try:
-                res = cli._run(cli.zfs_bin, *receive_args(scratch, features=cli.features()), stdin=r, timeout=7 * 24 * 3600)
-            finally:
-                os.close(r)
-                t.join()
-            if "error" in box:
-                return {"level": "sample", "ok": False, "message": f"{point.id}: download failed: {box['error']}"}
-            if not res.ok:
-                return {"level": "sample", "ok": False, "message": f"{point.id}: zfs receive of the stream failed: {res.stderr_tail(2)}"}
-            got = {s.guid for s in cli.list_snapshots(scratch)}
-            want = doc.get("source_point", {}).get("guid")
-            ok = want in got
-            msg = (f"{point.id}: the stream received into {scratch}; snapshot guid {want} matches the source"
-                   if ok else f"{point.id}: received, but no snapshot with guid {want} (got {sorted(got)})")
-            return {"level": "sample", "ok": ok, "message": msg}
+            out = self.restore(point, scratch)
+        except BackendError as exc:
+            return {"level": "sample", "ok": False, "message": f"{point.id}: {exc}"}
         finally:
             if cli.dataset_exists(scratch):
                 cli.destroy_dataset(scratch, recursive=True)
+        problems = out.detail["mismatches"]
+        want = doc.get("source_point", {}).get("guid")
+        msg = "; ".join(problems) if problems else \
+            f"{point.id}: the stream received into {scratch}; snapshot guid {want} matches the source"
+        return {"level": "sample", "ok": not problems, "message": msg}
 
     # -- restore -------------------------------------------------------------------
 
@@ -479,6 +443,23 @@ def finish_quietly(finish: Any) -> None:
         finish()
     except Exception:  # noqa: BLE001 - the upload's own error is the one to report
         log.debug("source also failed", exc_info=True)
+
+
+class _HashingSink(io.RawIOBase):
+    """A write sink that SHA-256-hashes and counts what passes, optionally passing it on."""
+
+    def __init__(self, out: BinaryIO | None = None) -> None:
+        self.out, self.sha256, self.n = out, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.sha256.update(b)
+        self.n += len(b)
+        if self.out is not None:
+            self.out.write(b)
+        return len(b)
 
 
 class _ProducerReader(io.RawIOBase):
