@@ -21,14 +21,13 @@ import glob
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
-from services.common import free_port, log_tail, stop_process
+from services.common import LoggedService, free_port
 
 __all__ = ["FakeGcs", "FakeGcsUnavailable", "find_binary"]
 
@@ -57,8 +56,11 @@ def find_binary() -> str | None:
     return found[0] if found else None
 
 
-class FakeGcs:
+class FakeGcs(LoggedService):
     """One fake-gcs-server on 127.0.0.1; see the module docstring."""
+
+    LOG_NAME = "fake-gcs-server.log"
+    STOP_TIMEOUT_S = STOP_TIMEOUT_S
 
     def __init__(self) -> None:
         self.binary = find_binary()
@@ -68,24 +70,13 @@ class FakeGcs:
             import google.cloud.storage  # noqa: F401
         except ImportError as e:
             raise FakeGcsUnavailable(f"google-cloud-storage is not installed ({e}); pip install -e '.[test]'") from e
-        self.root: Path | None = None
         self.port: int | None = None
-        self.proc: subprocess.Popen | None = None
-        self._log = None
         self._client = None
 
     @property
     def endpoint(self) -> str:
         assert self.port is not None, "start() first"
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        assert self.root is not None
-        return self.root / "fake-gcs-server.log"
-
-    def log_tail(self, n: int = 20) -> str:
-        return log_tail(self.log_path if self.root is not None else None, n)
 
     # -- lifecycle ----------------------------------------------------------- #
 
@@ -104,20 +95,14 @@ class FakeGcs:
             raise
 
     def _launch(self) -> bool:
-        stop_process(self.proc, STOP_TIMEOUT_S)
+        self._stop_proc()
         self.port = free_port()
-        if self._log is not None:
-            self._log.close()
-        self._log = open(self.log_path, "ab")
         assert self.binary is not None and self.root is not None
-        self.proc = subprocess.Popen(
+        self._popen(
             [self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
              "-backend", "memory", "-external-url", self.endpoint,
              "-public-host", f"127.0.0.1:{self.port}",  # not storage.googleapis.com
-             "-log-level", "warn"],
-            cwd=self.root, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+             "-log-level", "warn"])
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -131,26 +116,9 @@ class FakeGcs:
             time.sleep(0.02)
         return False
 
-    def stop(self) -> None:
-        """Stop the server by PID and remove the temp dir. Idempotent."""
-        atexit.unregister(self.stop)
-        try:
-            stop_process(self.proc, STOP_TIMEOUT_S)
-        finally:
-            self.proc = None
-            self._client = None
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            if self.root is not None:
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.root = None
-
-    def __enter__(self) -> FakeGcs:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _stop_proc(self) -> None:
+        self._client = None
+        super()._stop_proc()
 
     # -- use ----------------------------------------------------------------- #
 

@@ -17,7 +17,6 @@ import atexit
 import glob
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from services.common import alive, free_port, log_tail
+from services.common import LoggedService, alive, free_port
 
 __all__ = ["PostgresServer", "PostgresUnavailable", "find_bindir"]
 
@@ -61,8 +60,10 @@ def _scratch_parent() -> str | None:
 
 
 
-class PostgresServer:
+class PostgresServer(LoggedService):
     """One PostgreSQL cluster in a temp dir; see the module docstring."""
+
+    LOG_NAME = "postgres.log"
 
     def __init__(self, bindir: Path | None = None) -> None:
         bindir = bindir or find_bindir()
@@ -79,10 +80,7 @@ class PostgresServer:
                 pwd.getpwnam(SERVICE_USER)
             except KeyError as e:
                 raise PostgresUnavailable(f"running as root but there is no {SERVICE_USER!r} user") from e
-        self.root: Path | None = None
         self.port: int | None = None
-        self.proc: subprocess.Popen | None = None
-        self._log = None
 
     # -- paths / commands ---------------------------------------------------- #
 
@@ -91,11 +89,6 @@ class PostgresServer:
         assert self.root is not None
         return self.root / "data"
 
-    @property
-    def log_path(self) -> Path:
-        assert self.root is not None
-        return self.root / "postgres.log"
-
     def _cmd(self, exe: str, *args: str) -> list[str]:
         argv = [str(self.bindir / exe), *args]
         if self._as_root:
@@ -103,7 +96,7 @@ class PostgresServer:
         return argv
 
     def log_tail(self, n: int = 30) -> str:
-        return log_tail(self.log_path if self.root is not None else None, n)
+        return super().log_tail(n)
 
     # -- lifecycle ----------------------------------------------------------- #
 
@@ -137,19 +130,12 @@ class PostgresServer:
         """Start postgres on a fresh free port; True once it accepts connections."""
         self._reap()
         self.port = free_port()
-        if self._log is not None:
-            self._log.close()
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self._cmd(
-                "postgres", "-D", str(self.data_dir),
-                "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root),
-                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                "-c", "max_connections=100", "-c", "logging_collector=off",
-            ),
-            cwd=self.root, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self._popen(self._cmd(
+            "postgres", "-D", str(self.data_dir),
+            "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root),
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            "-c", "max_connections=100", "-c", "logging_collector=off",
+        ))
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:  # we are the parent: poll() reaps, no zombie doubt
@@ -188,27 +174,13 @@ class PostgresServer:
             cwd=self.root, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
         )
 
-    def stop(self) -> None:
-        """Stop the server (``pg_ctl stop -m fast``) and remove the temp dir. Idempotent."""
-        atexit.unregister(self.stop)
+    def _stop_proc(self) -> None:
+        """``pg_ctl stop -m fast``, then make sure nothing of ours is left."""
         if self.root is None:
             return
-        try:
-            if self.proc is not None and self.proc.poll() is None:
-                self._pg_ctl_stop()
-            self._reap()
-        finally:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self._pg_ctl_stop()
+        self._reap()
 
     # -- use ----------------------------------------------------------------- #
 

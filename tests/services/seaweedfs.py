@@ -31,13 +31,12 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from services.common import alive, log_tail
+from services.common import LoggedService, alive
 
 __all__ = ["SeaweedFS", "SeaweedFSUnavailable", "find_weed"]
 
@@ -100,8 +99,12 @@ def _clean_leftovers(tmp_dir: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-class SeaweedFS:
+class SeaweedFS(LoggedService):
     """One ``weed mini`` on 127.0.0.1; see the module docstring."""
+
+    LOG_NAME = "weed.log"
+    STOP_TIMEOUT_S = STOP_TIMEOUT_S
+    STOP_SIGNAL = signal.SIGINT  # weed stops in ~4 s on SIGINT, ~12 s on SIGTERM
 
     def __init__(self, tmp_dir: Path | None = None) -> None:
         self.weed = find_weed()
@@ -112,11 +115,8 @@ class SeaweedFS:
         self.tmp_dir = tmp_dir or Path(tempfile.gettempdir())
         self.access_key = "drtool" + secrets.token_hex(6)
         self.secret_key = secrets.token_urlsafe(24)
-        self.root: Path | None = None
         self.port: int | None = None
-        self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
-        self._log = None
         self._admin = None  # a cached client() for make_bucket
 
     # -- what a client needs ------------------------------------------------- #
@@ -126,13 +126,8 @@ class SeaweedFS:
         assert self.port is not None, "start() first"
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def log_path(self) -> Path:
-        assert self.root is not None
-        return self.root / "weed.log"
-
     def log_tail(self, n: int = 30) -> str:
-        return log_tail(self.log_path if self.root is not None else None, n)
+        return super().log_tail(n)
 
     def client(self, **config: object):
         """A boto3 S3 client for this server: path-style, us-east-1, short retries and
@@ -184,20 +179,16 @@ class SeaweedFS:
 
     def _launch(self) -> bool:
         """Start weed on fresh ports; True once S3 ListBuckets succeeds."""
-        self._kill()
+        self._stop_proc()
         assert self.root is not None
         ports = dict(zip(COMPONENTS, _pick_ports(len(COMPONENTS))))
         self.port = ports["s3"]
-        if self._log is not None:
-            self._log.close()
-        self._log = open(self.log_path, "ab")
         argv = [self.weed, "-logtostderr", "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 *(f"-{c}.port={p}" for c, p in ports.items()), f"-s3.config={self.root / 'creds.json'}",
                 "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
                 "-s3.port.lance=0", f"-filer.localSocket={self.root / 'filer.sock'}",
                 f"-s3.localSocket={self.root / 's3.sock'}"]
-        self.proc = subprocess.Popen(argv, cwd=self.root, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._popen(argv)
         (self.root / "weed.pid").write_text(str(self.proc.pid))
         client = self.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -211,36 +202,6 @@ class SeaweedFS:
                 time.sleep(0.05)
         return False
 
-    def _kill(self) -> None:
-        """SIGINT, SIGKILL after STOP_TIMEOUT_S; we are the parent, so wait() reaps it."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self.proc = None
+    def _stop_proc(self) -> None:
         self._admin = None
-
-    def stop(self) -> None:
-        """Stop weed and remove the temp dir. Idempotent."""
-        atexit.unregister(self.stop)
-        if self.root is None:
-            return
-        try:
-            self._kill()
-        finally:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
-
-    def __enter__(self) -> SeaweedFS:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super()._stop_proc()

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.common import free_port, log_tail, stop_process
+from services.common import LoggedService, free_port
 
 __all__ = ["Sshd", "SshdUnavailable"]
 
@@ -49,8 +49,11 @@ def _banner(port: int) -> bool:
         return False
 
 
-class Sshd:
+class Sshd(LoggedService):
     """One sshd on 127.0.0.1; see the module docstring."""
+
+    LOG_NAME = "sshd.log"
+    STOP_TIMEOUT_S = STOP_TIMEOUT_S
 
     def __init__(self) -> None:
         self.sshd_bin = shutil.which("sshd") or next(
@@ -62,10 +65,7 @@ class Sshd:
         if os.geteuid() != 0:
             raise SshdUnavailable("sshd has to run as root to log a user in")
         self.user = pwd.getpwuid(os.geteuid()).pw_name
-        self.root: Path | None = None
         self.port: int | None = None
-        self.proc: subprocess.Popen | None = None
-        self._log = None
 
     # -- what a client needs ------------------------------------------------- #
 
@@ -91,14 +91,6 @@ class Sshd:
     def ssh_argv(self, *remote: str) -> list[str]:
         """``ssh`` argv running ``remote`` (one shell command line) on this server."""
         return ["ssh", "-o", "BatchMode=yes", *self.ssh_options, self.host, "--", *remote]
-
-    @property
-    def log_path(self) -> Path:
-        assert self.root is not None
-        return self.root / "sshd.log"
-
-    def log_tail(self, n: int = 20) -> str:
-        return log_tail(self.log_path if self.root is not None else None, n)
 
     # -- lifecycle ----------------------------------------------------------- #
 
@@ -157,16 +149,11 @@ class Sshd:
         self.port = free_port()
         conf = self.root / "sshd_config"
         conf.write_text(self._config())
-        if self._log is not None:
-            self._log.close()
-        self._log = open(self.log_path, "ab")
         test = subprocess.run([self.sshd_bin, "-t", "-f", str(conf)], stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=30)
         if test.returncode != 0:
             raise RuntimeError(f"sshd -t rejected the config: {test.stderr.strip()}")
-        self.proc = subprocess.Popen(  # an absolute path: sshd re-executes itself per connection
-            [self.sshd_bin, "-D", "-f", str(conf), "-e"], cwd=self.root,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._popen([self.sshd_bin, "-D", "-f", str(conf), "-e"])  # an absolute path: sshd re-executes itself per connection
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -175,27 +162,3 @@ class Sshd:
                 return True
             time.sleep(0.02)
         return False
-
-    def _stop_proc(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_process(proc, STOP_TIMEOUT_S)
-
-    def stop(self) -> None:
-        """Stop sshd and remove the temp dir (keys included). Idempotent."""
-        atexit.unregister(self.stop)
-        if self.root is None:
-            return
-        try:
-            self._stop_proc()
-        finally:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
-
-    def __enter__(self) -> Sshd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
