@@ -78,22 +78,29 @@ def run_restic(repo: Path, src: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def run_drtool(drtool: str, config: Path, state: Path, env: dict[str, str]) -> tuple[float, int]:
-    e = dict(env, DRTOOL_STATE_DIR=str(state))
+def timed_process(argv: list[str], env: dict[str, str], *, poll_rss: bool = True) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS kB or 0, stdout) of one process; raises on a non-zero exit."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([drtool, "-c", str(config), "run", "--no-verify", "--json"], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stop, rss = threading.Event(), []
-    t = threading.Thread(target=peak_rss_kb, args=(proc.pid, stop, rss), daemon=True)
-    t.start()
+    poller = threading.Thread(target=peak_rss_kb, args=(proc.pid, stop, rss), daemon=True) if poll_rss else None
+    if poller:
+        poller.start()
     out, err = proc.communicate()
     elapsed = time.perf_counter() - t0
     stop.set()
-    t.join()
+    if poller:
+        poller.join()
     if proc.returncode != 0:
-        raise SystemExit(f"drtool failed ({proc.returncode}):\n{out}\n{err}")
+        raise SystemExit(f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{out[-3000:]}\n{err[-3000:]}")
+    return elapsed, rss[0] if rss else 0, out
+
+
+def run_drtool(drtool: str, config: Path, state: Path, env: dict[str, str]) -> tuple[float, int]:
+    elapsed, rss_kb, out = timed_process([drtool, "-c", str(config), "run", "--no-verify", "--json"], dict(env, DRTOOL_STATE_DIR=str(state)))
     doc = json.loads(out)
     assert doc["results"][0]["phase"] == "succeeded", doc
-    return elapsed, rss[0] if rss else 0
+    return elapsed, rss_kb
 
 
 def main() -> None:

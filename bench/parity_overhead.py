@@ -52,7 +52,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -62,7 +61,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from services.snapraid_array import SnapraidArray, SnapraidUnavailable  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from backup_overhead import peak_rss_kb  # noqa: E402  (one VmHWM poller for every benchmark)
+from backup_overhead import timed_process  # noqa: E402  (one timed, RSS-polled runner for every benchmark)
 
 MODIFY_BYTES = 1 << 20  # a modified initial file is rewritten with this much new data
 CHUNK = 4 << 20
@@ -169,21 +168,10 @@ class Drtool:
 
     def run(self) -> tuple[float, int, dict]:
         """(wall seconds, peak RSS kB, the leg's result) of `drtool run --no-verify --json`."""
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([*self.argv, "run", "--no-verify", "--json"], env=self.env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        stop, rss = threading.Event(), []
-        poller = threading.Thread(target=peak_rss_kb, args=(proc.pid, stop, rss), daemon=True)
-        poller.start()
-        out, err = proc.communicate()
-        elapsed = time.perf_counter() - t0
-        stop.set()
-        poller.join()
-        if proc.returncode != 0:
-            raise SystemExit(f"drtool run failed ({proc.returncode}):\n{out}\n{err}")
+        elapsed, rss_kb, out = timed_process([*self.argv, "run", "--no-verify", "--json"], self.env)
         result = json.loads(out)["results"][0]
         assert result["phase"] == "succeeded", result
-        return elapsed, rss[0] if rss else 0, result
+        return elapsed, rss_kb, result
 
     def last_commands(self) -> dict[str, float]:
         """Seconds per snapraid command (diff, sync, …) of the last run, from its run record:

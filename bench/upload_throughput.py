@@ -51,7 +51,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -63,7 +62,7 @@ from services.fakegcs import FakeGcs, FakeGcsUnavailable  # noqa: E402
 from services.seaweedfs import SeaweedFS, SeaweedFSUnavailable  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from backup_overhead import peak_rss_kb  # noqa: E402  (one VmHWM poller for every benchmark)
+from backup_overhead import timed_process  # noqa: E402  (one timed, RSS-polled runner for every benchmark)
 
 MiB = 1 << 20
 CHUNK = 8 * MiB
@@ -118,24 +117,6 @@ def warm(path: Path) -> None:
     with open(path, "rb") as f:
         while f.read(CHUNK):
             pass
-
-
-def timed_process(argv: list[str], env: dict[str, str], *, poll_rss: bool = False) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS kB or 0, stdout) of one process; raises on a non-zero exit."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stop, rss = threading.Event(), []
-    poller = threading.Thread(target=peak_rss_kb, args=(proc.pid, stop, rss), daemon=True) if poll_rss else None
-    if poller:
-        poller.start()
-    out, err = proc.communicate()
-    elapsed = time.perf_counter() - t0
-    stop.set()
-    if poller:
-        poller.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{out[-3000:]}\n{err[-3000:]}")
-    return elapsed, rss[0] if rss else 0, out
 
 
 class Drtool:
@@ -227,7 +208,7 @@ class GcsSides(Sides):
 
     def side(self, name: str, src: Path, key: str) -> tuple[float, dict]:
         if name == "gcloud":
-            t, _, _ = timed_process(["gcloud", "storage", "cp", str(src), f"gs://{self.bucket}/{key}"], self.gcloud_env)
+            t, _, _ = timed_process(["gcloud", "storage", "cp", str(src), f"gs://{self.bucket}/{key}"], self.gcloud_env, poll_rss=False)
             return t, {}
         t, rss, out = timed_process([sys.executable, "-c", GCS_SCRIPT, self.server.endpoint, self.bucket, key, str(src)],
                                     self.env, poll_rss=True)

@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from services.zfs import ZfsFuse, ZfsUnavailable  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from backup_overhead import peak_rss_kb  # noqa: E402  (one VmHWM poller for every benchmark)
+from backup_overhead import timed_process  # noqa: E402  (one timed, RSS-polled runner for every benchmark)
 
 INITIAL_MB = 50
 FILE_MB = 50  # the round's data goes into files of this size
@@ -83,21 +82,10 @@ class Drtool:
 
     def run_leg(self, leg: str) -> tuple[float, int, dict]:
         """(wall seconds, peak RSS kB, the leg's result) of `drtool run --leg LEG`."""
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([*self.argv, "run", "--leg", leg, "--no-verify", "--json"], env=self.env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        stop, rss = threading.Event(), []
-        poller = threading.Thread(target=peak_rss_kb, args=(proc.pid, stop, rss), daemon=True)
-        poller.start()
-        out, err = proc.communicate()
-        elapsed = time.perf_counter() - t0
-        stop.set()
-        poller.join()
-        if proc.returncode != 0:
-            raise SystemExit(f"drtool run --leg {leg} failed ({proc.returncode}):\n{out}\n{err}")
+        elapsed, rss_kb, out = timed_process([*self.argv, "run", "--leg", leg, "--no-verify", "--json"], self.env)
         result = json.loads(out)["results"][0]
         assert result["phase"] == "succeeded", result
-        return elapsed, rss[0] if rss else 0, result
+        return elapsed, rss_kb, result
 
     def last_stream_s(self) -> float:
         """How long the send|receive itself took in the last run (its `zfs receive`
