@@ -4,7 +4,6 @@ by environment from secret references. (restic's gs: backend has no endpoint ove
 so GCS repositories cannot be tested against an emulator here.)"""
 from __future__ import annotations
 
-import os
 import secrets
 
 import pytest
@@ -53,5 +52,4 @@ def test_s3_credentials_stay_out_of_argv_and_errors(make_repo, seaweedfs, monkey
     with pytest.raises(Exception) as err:
         bad.ensure_ready(create=True)
     assert seaweedfs.secret_key not in str(err.value)
-    assert all(seaweedfs.secret_key not in " ".join(c["argv"]) for c in bad.commands)
-    assert os.environ["TEST_S3_SECRET"].startswith("wrong-")
+    assert bad.commands and all(seaweedfs.secret_key not in " ".join(c["argv"]) for c in bad.commands)
