@@ -422,3 +422,68 @@ def parse_json_lines(text: str) -> list[Any]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+class Spawned:
+    """A long-running server started by ``spawn()`` (a scratch etcd or Vault for a
+    verify or drill): its output goes to ``log_path``; ``stop()`` kills its whole process
+    group (TERM, then KILL after ``grace``) and is idempotent; it also dies with drtool."""
+
+    def __init__(self, proc: subprocess.Popen, argv: list[str], log_path: str, log_file: Any) -> None:
+        self.proc, self.argv, self.log_path, self._log = proc, argv, log_path, log_file
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, n: int = 10) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return mask("\n".join(f.read().splitlines()[-n:]))
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace: float = KILL_GRACE_S) -> None:
+        if self.proc.poll() is None:
+            _kill_group(self.proc, grace)
+        with _live_lock:
+            _live.discard(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "Spawned":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def spawn(argv: list[str], *, log_path: str | os.PathLike, env: Mapping[str, str] | None = None,
+          secret_env: Mapping[str, SecretStr] | None = None, cwd: str | os.PathLike | None = None) -> Spawned:
+    """Start ``argv`` in the background (no shell, own process group, dies with drtool,
+    killed by ``terminate_all()`` on SIGINT/SIGTERM), stdout and stderr appended to
+    ``log_path``. Secrets go by environment only and are refused in argv."""
+    if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
+        raise TypeError("argv must be a non-empty list of str")
+    values = _secret_values((secret_env or {}).values())
+    if any(v in a for a in argv for v in values):
+        raise DrtoolError(f"refusing to start {argv[0]}: a secret would appear in argv (pass it by environment)")
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    for name, s in (secret_env or {}).items():
+        child_env[name] = s.get_secret_value()
+    log.debug("spawn: %s", " ".join(mask(a, values) for a in argv))
+    log_file = open(log_path, "ab")
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd,
+                                env=child_env, start_new_session=True, preexec_fn=_die_with_parent)
+    except FileNotFoundError:
+        log_file.close()
+        raise CommandNotFound(f"{argv[0]}: command not found (run scripts/install-deps.sh, or set the tool path)") from None
+    with _live_lock:
+        _live.add(proc)
+    return Spawned(proc, list(argv), str(log_path), log_file)
