@@ -435,6 +435,66 @@ def events_cmd(st: State, limit: int) -> None:
               e.get("message", ""))
 
 
+# ------------------------------------------------------------------ break-glass
+
+
+@cli.group()
+def breakglass() -> None:
+    """The age-encrypted bundle of everything a restore needs (unseal keys, Talos secrets, passwords, credentials, catalog)."""
+
+
+@breakglass.command("build")
+@click.option("--dry-run", is_flag=True, help="Resolve every item and show what would go in; write nothing.")
+@click.option("--allow-missing", is_flag=True, help="Write the bundle even when some items cannot be read (exit 3).")
+@json_option
+@pass_state
+def breakglass_build(st: State, dry_run: bool, allow_missing: bool) -> None:
+    """Build the bundle and write it to every offsite object store."""
+    from . import breakglass as bg
+    from .notify import emit
+
+    ctx = st.ctx()
+    try:
+        res = bg.build(ctx, allow_missing=allow_missing, dry_run=dry_run)
+    except DrtoolError as exc:
+        if not dry_run:
+            emit(ctx.state_dir, "breakglass.build_failed", now=ctx.now(), message=str(exc))
+        raise
+    if st.json:
+        _emit_json({"dry_run": dry_run, **res.to_dict()})
+    else:
+        _line("dry-run" if dry_run else "succeeded", "break-glass items", ", ".join(res.items) or "none")
+        for name, why in res.missing.items():
+            _line("failed", "missing", why)
+        for loc, key in res.written.items():
+            _line("succeeded", f"written to {loc}", key)
+        for loc, err in res.errors.items():
+            _line("failed", f"not written to {loc}", err)
+    if res.errors:
+        emit(ctx.state_dir, "breakglass.build_failed", now=ctx.now(), message="; ".join(f"{k}: {v}" for k, v in res.errors.items()))
+    if res.errors and not res.written and not dry_run:
+        raise Exit(ExitCode.FAILURE)
+    raise Exit(ExitCode.PARTIAL if res.errors or res.missing else ExitCode.OK)
+
+
+@breakglass.command("verify")
+@json_option
+@pass_state
+def breakglass_verify(st: State) -> None:
+    """Decrypt the newest bundle in every store with the offline identity and check it is whole and complete."""
+    from . import breakglass as bg
+
+    res = bg.verify(st.ctx())
+    if st.json:
+        _emit_json(res)
+    else:
+        for loc, e in res["locations"].items():
+            what = f"{loc} {e.get('stamp', '')}".strip()
+            detail = "; ".join([*e["problems"], *(f"missing {m}" for m in e["missing"]), *(f"stale {s}" for s in e["stale"])])
+            _line("succeeded" if e["ok"] else "failed", what, detail or f"{e.get('items', 0)} items, complete")
+    raise Exit(ExitCode.OK if res["ok"] else ExitCode.FAILURE)
+
+
 def _run_dict(r: Any) -> dict[str, Any]:
     keys = ("uuid", "kind", "policy", "leg", "leg_kind", "location", "phase", "dry_run", "started_at", "ended_at", "bytes_processed",
             "recovery_point", "warnings", "errors", "detail", "command_log", "host", "pid")

@@ -25,13 +25,14 @@ from .. import exec as ex
 from ..backends import object_store_for
 from ..backends.base import RecoveryPoint
 from ..backends.objectstore import ObjectLocked, ObjectNotFound, ObjectStore, RetentionState
-from ..errors import BackendError, SourceError, UsageError
+from ..errors import BackendError, DrtoolError, SourceError, UsageError
 from .base import LegDriver, LegOutcome
 
 log = logging.getLogger("drtool.legs.upload")
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "drtool-upload-manifest/1"
+PLATFORM_KINDS = ("vault-raft", "etcd", "machineconfig")
 
 
 class UploadLeg(LegDriver):
@@ -53,6 +54,9 @@ class UploadLeg(LegDriver):
         up = self.leg.upload
         if up and up.command:
             return "command", " ".join(up.command), up.name or "stream"
+        plat = self._platform()
+        if plat is not None:
+            return plat.kind, plat.what, (up.name if up and up.name else plat.default_name())
         if self._zfs_source():
             snap = self._newest_snapshot()
             return "zfs", snap.name, (up.name if up and up.name else f"{snap.snap}.zfs")
@@ -66,6 +70,24 @@ class UploadLeg(LegDriver):
         if p.is_dir():
             return "directory", str(p), (up.name if up and up.name else f"{p.name or 'root'}.tar")
         return "file", str(p), (up.name if up and up.name else p.name)
+
+    def _platform(self) -> Any:
+        from .platform import platform_source
+
+        return platform_source(self)
+
+    @contextlib.contextmanager
+    def _workdir(self) -> Iterator[Path]:
+        """A private scratch directory under the state dir, removed afterwards."""
+        import secrets as _secrets
+        import shutil
+
+        d = self.ctx.state_dir / "work" / f"{self.policy.name}-{_secrets.token_hex(4)}"
+        d.mkdir(parents=True, mode=0o700)
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
     def _zfs_source(self) -> bool:
         return getattr(self.ctx.cfg.location(self.policy.source.location), "type", "") == "zfs"
@@ -95,10 +117,18 @@ class UploadLeg(LegDriver):
     def _open_source(self) -> Iterator[tuple[BinaryIO, Any]]:
         """Yield (stream, finish): ``finish()`` raises if the producer failed (a command's
         exit code, a tar error), after the stream has been read to the end."""
-        kind, what, _ = self._spec()
+        kind, what, name = self._spec()
         if kind == "file":
             with open(what, "rb") as f:
                 yield f, lambda: None
+            return
+        plat = self._platform() if not (self.leg.upload and self.leg.upload.command) else None
+        if plat is not None:  # written and proved whole first, then streamed from the file
+            with self._workdir() as work:
+                path = work / name
+                self._source_point = plat.produce(path)
+                with open(path, "rb") as f:
+                    yield f, lambda: None
             return
         r, w = os.pipe()
         box: dict[str, Any] = {}
@@ -184,6 +214,8 @@ class UploadLeg(LegDriver):
         if kind == "zfs":
             snap = self._newest_snapshot()
             manifest["source_point"] = {"location": self.policy.source.location, "snapshot": snap.name, "guid": snap.guid}
+        elif getattr(self, "_source_point", None) is not None:
+            manifest["source_point"] = self._source_point
         store.put_stream(f"{point_id}/{MANIFEST}", io.BytesIO(json.dumps(manifest, indent=1).encode()), metadata=meta)
         point = RecoveryPoint(id=point_id, time=when, location=self.leg.to, policy=self.policy.name, leg=self.leg.leg_name,  # type: ignore[arg-type]
                               size_bytes=res.size, checksum=f"sha256:{res.sha256_hex}", meta={"object": key})
@@ -275,6 +307,8 @@ class UploadLeg(LegDriver):
             return self._sample(points[-1])
         point = points[-1]
         doc = self._manifest(point)
+        if doc.get("source", {}).get("kind") in PLATFORM_KINDS:
+            return self._platform_check("integrity", point, doc)
         info = self.store.stat(doc["object"])
         problems = []
         if info.size != doc["size"]:
@@ -316,6 +350,8 @@ class UploadLeg(LegDriver):
         by member to its end; anything else is re-hashed (as integrity)."""
         doc = self._manifest(point)
         kind = doc.get("source", {}).get("kind")
+        if kind in PLATFORM_KINDS:
+            return self._platform_check("sample", point, doc)
         if kind == "zfs":
             return self._sample_zfs(point, doc)
         if kind == "directory":
@@ -338,6 +374,34 @@ class UploadLeg(LegDriver):
             return {"level": "sample", "ok": True, "message": f"{point.id}: the tar reads back: {members} members, {size} bytes of file data"}
         out = self.check("integrity", [point])
         return {**out, "level": "sample"}
+
+    def _platform_check(self, level: str, point: RecoveryPoint, doc: dict[str, Any]) -> dict[str, Any]:
+        """Download into a private work dir (SHA-256 checked on the way), then the
+        platform's own proof: offline raft check, etcd restore + key counts, scratch servers."""
+        plat = self._platform()
+        if plat is None or plat.kind != doc["source"]["kind"]:
+            return {"level": level, "ok": False, "message": f"{point.id}: a {doc['source']['kind']} upload, but the policy's source is "
+                    "no longer that kind: verify it with the configuration that made it"}
+        with self._workdir() as work:
+            path = work / doc["name"]
+            try:
+                self._fetch(doc, path)
+            except BackendError as exc:
+                return {"level": level, "ok": False, "message": f"{point.id}: {exc}"}
+            try:
+                problems, proved = plat.sample(path, doc, work) if level == "sample" else plat.integrity(path, doc, work)
+            except DrtoolError as exc:
+                problems, proved = [str(exc)], ""
+        msg = "; ".join(problems) if problems else f"downloaded {doc['size']} bytes, SHA-256 matches the manifest; {proved}"
+        return {"level": level, "ok": not problems, "message": f"{point.id}: {msg}"}
+
+    def _fetch(self, doc: dict[str, Any], path: Path) -> None:
+        """Download the point's object to ``path``; BackendError unless its SHA-256 is the manifest's."""
+        with open(path, "wb") as out:
+            tee = _HashingSink(out)
+            self.store.get_stream(doc["object"], tee)  # type: ignore[arg-type]
+        if tee.sha256.hexdigest() != doc["sha256"]:
+            raise BackendError(f"downloaded SHA-256 {tee.sha256.hexdigest()[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
 
     def _sample_zfs(self, point: RecoveryPoint, doc: dict[str, Any]) -> dict[str, Any]:
         """The restore path itself, into a scratch dataset beside the source, then destroyed."""
@@ -414,6 +478,9 @@ class UploadLeg(LegDriver):
         if box.get("sha256") != doc["sha256"]:
             mismatches.append(f"downloaded SHA-256 {str(box.get('sha256'))[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
         what = {"zfs": f"received into {target}", "directory": f"extracted into {target}"}.get(kind, f"written to {target}/{doc['name']}")
+        plat = self._platform() if kind in PLATFORM_KINDS else None
+        if plat is not None and not mismatches:
+            what += "; " + plat.restore_hint(Path(target) / doc["name"])
         return LegOutcome(point=point, bytes_processed=box.get("n"), detail={"mismatches": mismatches, "manifest": doc},
                           message=f"{point.id}: {box.get('n')} bytes {what}" + ("; SHA-256 matches the manifest" if not mismatches else ""))
 

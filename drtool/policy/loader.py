@@ -14,7 +14,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
 from ..errors import ConfigError
-from .models import LEG_KINDS, LocationBase, Policy, PolicyFile
+from .models import LEG_KINDS, BreakGlass, LocationBase, Policy, PolicyFile
 
 DEFAULT_CONFIG = "./policies"
 
@@ -43,6 +43,7 @@ class Config:
     locations: dict[str, LocationBase] = field(default_factory=dict)
     policies: dict[str, Policy] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    breakglass: BreakGlass | None = None
 
     def policy(self, name: str) -> Policy:
         try:
@@ -208,6 +209,12 @@ def _source_issue(stype: str | None, loc: Any, source: Any) -> tuple[str, str] |
             return ".dataset", "a zfs source needs 'dataset': the dataset to protect, e.g. tank/documents"
         if isinstance(root, str) and not (ds == root or str(ds).startswith(root + "/")):
             return ".dataset", f"dataset {ds!r} is not under the location's dataset {root!r}"
+    if stype in ("vault", "talos"):
+        extra = [k for k in ("path", "dataset") if source.get(k) is not None]
+        if extra:
+            return f".{extra[0]}", f"a {stype} source is the whole cluster: remove '{extra[0]}'"
+    if source.get("canaries") and stype != "vault":
+        return ".canaries", "canaries are secrets read back from a Vault snapshot: only vault sources have them"
     if stype == "snapraid":
         pool = loc.get("pool") if isinstance(loc, dict) else None
         paths = source.get("path")
@@ -228,6 +235,7 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
     # where each named thing was defined, for duplicate and cross-reference errors
     loc_where: dict[str, tuple[str, int]] = {}
     pol_where: dict[str, tuple[str, int]] = {}
+    bg_where: tuple[str, int] | None = None
     raw_trees: list[tuple[Path, Any]] = []
 
     for f in files:
@@ -260,6 +268,13 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                 continue
             pol_where[pol.name] = (str(f), line)
             cfg.policies[pol.name] = pol
+        if pf.breakglass is not None:
+            line, _ = _node_line(tree, ("breakglass",))
+            if bg_where:
+                issues.append(Issue(str(f), line, "breakglass", f"a break-glass bundle is already defined at {bg_where[0]}:{bg_where[1]}: keep one"))
+            else:
+                bg_where = (str(f), line)
+                cfg.breakglass = pf.breakglass
 
     # Cross-references, on the raw trees so that they are reported even for files
     # that failed validation: every error at once.
@@ -321,6 +336,11 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     line, dotted = _node_line(tree, ("policies", i, "legs", j, "verify", "level"))
                     issues.append(Issue(str(f), line, dotted, f"a {kind} leg on a {where_type} location can verify at: "
                                         f"{', '.join(('exists', *driver.levels))} (not {verify.get('level')!r})"))
+                up = leg.get("upload")
+                if kind == "upload" and isinstance(up, CommentedMap) and up.get("content") is not None and \
+                        isinstance(src_name, str) and loc_type(src_name) != "talos":
+                    line, dotted = _node_line(tree, ("policies", i, "legs", j, "upload", "content"))
+                    issues.append(Issue(str(f), line, dotted, "'content' picks what a talos source uploads: remove it for this source"))
                 if to is None:
                     stype = loc_type(src_name) if isinstance(src_name, str) else None
                     if kind in supported_types and stype is not None and stype not in supported_types[kind]:
@@ -342,7 +362,7 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     issues.append(Issue(str(f), line, dotted, "backup legs read files: give the source a 'path' (the directories to back up)"))
                 elif kind == "upload" and isinstance(source, CommentedMap) and not source.get("path") and not (
                         isinstance(leg.get("upload"), CommentedMap) and leg["upload"].get("command")) and not (
-                        isinstance(src_name, str) and loc_type(src_name) == "zfs"):
+                        isinstance(src_name, str) and loc_type(src_name) in ("zfs", "vault", "talos")):
                     issues.append(Issue(str(f), line, dotted, "an upload leg streams the source's 'path' (a file, or a directory as tar) "
                                         "or the stdout of 'upload: {command: [...]}': give one of them"))
                 elif kind in supported_types and ttype not in allowed:
@@ -350,6 +370,17 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     issues.append(Issue(str(f), line, dotted, f"a {kind} leg cannot write to {to!r} (type {ttype}): {fix}"))
                 if to == src_name:
                     issues.append(Issue(str(f), line, dotted, f"the {kind} leg targets the source's own location {to!r}: a copy must go elsewhere"))
+
+
+    for f, tree in raw_trees:
+        bg = tree.get("breakglass")
+        targets = bg.get("to") if isinstance(bg, CommentedMap) else None
+        for k, name in enumerate(targets if isinstance(targets, CommentedSeq) else []):
+            line, dotted = _node_line(tree, ("breakglass", "to", k))
+            if name not in raw_locations:
+                issues.append(Issue(str(f), line, dotted, f"unknown location {name!r}{_did_you_mean(str(name), raw_locations)}: define it under 'locations:'"))
+            elif loc_type(name) not in ("gcs", "s3"):
+                issues.append(Issue(str(f), line, dotted, f"the bundle goes to object stores: {name!r} is a {loc_type(name)} location (use a gcs or s3 one)"))
 
     if issues:
         raise PolicyError(sorted(issues, key=lambda i: (i.file, i.line)))

@@ -187,10 +187,112 @@ class S3Location(ObjectLocationBase):
         return self
 
 
-Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation, S3Location],
+class AppRole(Strict):
+    """Vault AppRole credentials, both as secret references."""
+
+    role_id: SecretRef = Field(description="The AppRole role_id, as a secret reference.")
+    secret_id: SecretRef = Field(description="The AppRole secret_id, as a secret reference.")
+
+
+class VaultLocation(LocationBase):
+    """A HashiCorp Vault or OpenBao cluster with integrated (raft) storage: a source whose
+    recovery points are raft snapshots. Its unseal keys belong in the break-glass bundle."""
+
+    type: Literal["vault"] = Field(description="Location type.")
+    address: str = Field(description="The cluster's API address.", examples=["https://vault.lab:8200"])
+    ca_cert: str | None = Field(None, description="CA bundle (absolute path) to verify the server's TLS certificate.",
+                                examples=["/etc/drtool/vault-ca.pem"])
+    token: SecretRef | None = Field(None, description="A token allowed to read sys/storage/raft/snapshot (and the canaries), as a secret reference.")
+    approle: AppRole | None = Field(None, description="AppRole login instead of a token.")
+    unseal_keys: list[SecretRef] = Field(
+        default_factory=list,
+        description="The unseal (or recovery) key shares, each a secret reference: at least the threshold. They go into the break-glass "
+        "bundle, and a sample verify unseals the restored copy with them (from the bundle when one exists).",
+        examples=[[{"file": "/etc/drtool/vault/unseal-1"}, {"file": "/etc/drtool/vault/unseal-2"}]])
+    server_binary: str | None = Field(None, description="The server binary a sample verify starts as a scratch server (default: bao or vault on PATH).",
+                                      examples=["bao"])
+
+    sample_name: ClassVar[str] = "vault"
+
+    @field_validator("address")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"address {v!r} is not an http(s) URL, e.g. https://vault.lab:8200")
+        return v.rstrip("/")
+
+    @field_validator("ca_cert")
+    @classmethod
+    def _abs(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is a relative path: write an absolute path")
+        return v
+
+    @model_validator(mode="after")
+    def _auth(self) -> "VaultLocation":
+        if (self.token is None) == (self.approle is None):
+            raise ValueError("give exactly one of 'token' or 'approle' (how drtool logs in to take snapshots)")
+        return self
+
+
+class EtcdEndpoint(Strict):
+    """Direct etcd access with client certificates (etcdctl)."""
+
+    endpoints: list[str] = Field(min_length=1, description="etcd client URLs.", examples=[["https://10.0.0.2:2379"]])
+    ca_cert: str | None = Field(None, description="CA certificate (absolute path).", examples=["/etc/drtool/etcd/ca.crt"])
+    cert: str | None = Field(None, description="Client certificate (absolute path).", examples=["/etc/drtool/etcd/client.crt"])
+    key: str | None = Field(None, description="Client key (absolute path, readable only by drtool's user).", examples=["/etc/drtool/etcd/client.key"])
+
+    @field_validator("ca_cert", "cert", "key")
+    @classmethod
+    def _abs(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is a relative path: write an absolute path")
+        return v
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for e in v:
+            if not re.match(r"^https?://[^/\s]+", e):
+                raise ValueError(f"endpoint {e!r} is not an http(s) URL, e.g. https://10.0.0.2:2379")
+        return v
+
+
+class TalosLocation(LocationBase):
+    """A Talos Kubernetes cluster: its etcd (snapshots through talosctl, or etcdctl with
+    client certificates) and its machine configuration. Any etcd cluster works through
+    'etcd' alone."""
+
+    type: Literal["talos"] = Field(description="Location type.")
+    nodes: list[str] = Field(default_factory=list, description="Control-plane node(s) talosctl talks to (the first one answers).",
+                             examples=[["10.0.0.2"]])
+    talosconfig: SecretRef | None = Field(None, description="The talosconfig (client credentials), as a secret reference. Goes into the break-glass bundle.")
+    secrets_bundle: SecretRef | None = Field(None, description="The Talos secrets bundle (talosctl gen secrets), as a secret reference. "
+                                             "Goes into the break-glass bundle: a cluster cannot be rebuilt with its identity without it.")
+    etcd: EtcdEndpoint | None = Field(None, description="Reach etcd directly with etcdctl: used when talosctl is not installed, or with no nodes.")
+    machine_configs: str | None = Field(None, description="A directory of machine config files (e.g. in git) to upload instead of asking the nodes.",
+                                        examples=["/srv/git/talos/clusterconfig"])
+    talosctl: str = Field("talosctl", description="The talosctl binary.")
+    etcdctl: str = Field("etcdctl", description="The etcdctl binary (snapshots without talosctl, and every restore and verify).")
+    etcd_binary: str = Field("etcd", description="The etcd binary a verify starts on the restored snapshot.")
+
+    sample_name: ClassVar[str] = "talos"
+
+    @model_validator(mode="after")
+    def _reach(self) -> "TalosLocation":
+        if not self.nodes and self.etcd is None:
+            raise ValueError("give 'nodes' (talosctl) or 'etcd' (etcdctl with client certificates): how drtool reaches etcd")
+        if self.nodes and self.talosconfig is None:
+            raise ValueError("talosctl needs 'talosconfig' (a secret reference to the client configuration)")
+        return self
+
+
+Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation, S3Location,
+                           VaultLocation, TalosLocation],
                      Field(discriminator="type")]
 LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation,
-                                                  S3Location)
+                                                  S3Location, VaultLocation, TalosLocation)
 
 
 # --------------------------------------------------------------------------- legs
@@ -265,6 +367,8 @@ class UploadSpec(Strict):
         "argv, never a shell; secrets by environment, not in argv.", examples=[["etcdctl", "snapshot", "save", "/dev/stdout"]], min_length=1)
     name: str | None = Field(None, description="Object name under the point's prefix. Default: the source's base name (plus .tar for a "
                              "directory), or 'stream' for a command.", examples=["etcd.db"], pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    content: Literal["etcd", "machineconfig"] | None = Field(
+        None, description="talos sources: what to upload: the etcd snapshot (default) or the machine configuration.", examples=["etcd"])
     part_size_mb: int | None = Field(None, ge=5, le=512, description="Multipart part (S3) / resumable chunk (GCS) size in MiB. "
                                      "Default: 8 for S3 (4 parts in flight: ~40 MiB of buffers), 16 for GCS (~2 chunks).",
                                      examples=[16])
@@ -340,6 +444,19 @@ class Source(Strict):
     )
     dataset: str | None = Field(None, description="The ZFS dataset to protect (zfs sources).", examples=["tank/documents"])
     recursive: bool = Field(False, description="zfs sources: snapshot and replicate the dataset's children too.")
+    canaries: list[str] = Field(
+        default_factory=list,
+        description="vault sources: secrets (mount/path#key) a sample verify must read back from the restored snapshot. "
+        "Their KV versions are recorded at backup time and must be present in the restore.",
+        examples=[["secret/drtool/canary#value"]])
+
+    @field_validator("canaries")
+    @classmethod
+    def _refs(cls, v: list[str]) -> list[str]:
+        for ref in v:
+            if not re.fullmatch(r"[^#\s]+/[^#\s]+#[^#\s]+", ref):
+                raise ValueError(f"canary {ref!r} is not mount/path#key, e.g. secret/drtool/canary#value")
+        return v
 
     @field_validator("path")
     @classmethod
@@ -393,6 +510,27 @@ class Policy(Strict):
         raise KeyError(name)
 
 
+class BreakGlass(Strict):
+    """The break-glass bundle: everything a restore needs that must not live only inside
+    Vault or the cluster, age-encrypted and written to every offsite object store."""
+
+    recipients: list[str] = Field(min_length=1, description="age recipients (public keys, age1…) the bundle is encrypted to.",
+                                  examples=[["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"]])
+    identity: SecretRef | None = Field(None, description="The offline age identity (AGE-SECRET-KEY-1…), as a secret reference: "
+                                       "`drtool breakglass verify` decrypts with it. Keep it off the machines it protects.")
+    to: list[Name] = Field(default_factory=list, description="Object-store locations to write the bundle to. Default: every gcs and s3 location.",
+                           examples=[["offsite-gcs"]])
+    include: dict[Name, SecretRef] = Field(default_factory=dict, description="Extra items (name: secret reference), e.g. a password manager's recovery kit.")
+
+    @field_validator("recipients")
+    @classmethod
+    def _age(cls, v: list[str]) -> list[str]:
+        for r in v:
+            if not (r.startswith("age1") or r.startswith("ssh-")):
+                raise ValueError(f"recipient {r[:20]!r}… is not an age public key (age1…) or an ssh public key")
+        return v
+
+
 class PolicyFile(Strict):
     """One drtool policy file. A configuration is one file or a directory of them; names are global across files."""
 
@@ -401,6 +539,7 @@ class PolicyFile(Strict):
     version: Literal[1] = Field(1, description="Policy file format version.")
     locations: dict[Name, Location] = Field(default_factory=dict, description="Named places where data lives, referenced by name.")
     policies: list[Policy] = Field(default_factory=list, description="What to protect and how.")
+    breakglass: BreakGlass | None = Field(None, description="The break-glass bundle (at most one across the configuration's files).")
 
 
 def valid_name(name: str) -> bool:

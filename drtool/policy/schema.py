@@ -95,6 +95,23 @@ _SAMPLE_VALUES: dict[tuple[str, str], Any] = {
     ("S3Location", "media"): "cloud-object",
     ("S3Location", "site"): "friend-house",
     ("S3Location", "failure_domain"): "friend-minio",
+    ("VaultLocation", "media"): "ssd",
+    ("VaultLocation", "site"): "home",
+    ("VaultLocation", "failure_domain"): "vault-cluster",
+    ("VaultLocation", "immutable"): None,
+    ("VaultLocation", "offline"): None,
+    ("VaultLocation", "approle"): None,  # a token or an AppRole
+    ("VaultLocation", "unseal_keys"): None,
+    ("VaultLocation", "server_binary"): None,
+    ("TalosLocation", "media"): "nvme",
+    ("TalosLocation", "site"): "home",
+    ("TalosLocation", "failure_domain"): "k8s-lab",
+    ("TalosLocation", "immutable"): None,
+    ("TalosLocation", "offline"): None,
+    ("TalosLocation", "etcd"): None,
+    ("TalosLocation", "machine_configs"): None,
+    ("TalosLocation", "secrets_bundle"): None,
+    ("Source", "canaries"): None,  # vault sources only
 }
 
 
