@@ -207,3 +207,89 @@ def test_durations():
     for bad in ("", "1x", "h", "0s", "-1h", "1.5h"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+PLATFORM = dedent("""\
+    version: 1
+    locations:
+      vault-main:
+        type: vault
+        address: https://vault.lab:8200
+        token: {file: /etc/drtool/vault-token}
+        unseal_keys: [{file: /etc/drtool/u1}, {file: /etc/drtool/u2}]
+        media: ssd
+        site: home
+        failure_domain: vault
+      talos-lab:
+        type: talos
+        nodes: [10.0.0.2]
+        talosconfig: {file: /etc/drtool/talosconfig}
+        media: nvme
+        site: home
+        failure_domain: k8s
+      offsite: {type: gcs, bucket: lab-offsite, media: cloud-object, site: gcp, failure_domain: gcp}
+      repo: {type: restic, repository: /srv/restic, password: {env: PW}, media: hdd, site: home, failure_domain: nas}
+    policies:
+      - name: vault
+        source: {location: vault-main, canaries: ["secret/drtool/canary#value"]}
+        rpo: 24h
+        rto: 4h
+        legs:
+          - {kind: upload, to: offsite, schedule: "0 3 * * *", verify: {level: sample, every: 7d}}
+      - name: etcd
+        source: {location: talos-lab}
+        rpo: 24h
+        rto: 4h
+        legs:
+          - {kind: upload, to: offsite, schedule: "0 */6 * * *", verify: {level: integrity, every: 1d}}
+          - {kind: upload, name: machineconfig, to: offsite, schedule: "0 4 * * *", upload: {content: machineconfig}}
+    breakglass:
+      recipients: ["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"]
+      identity: {file: /mnt/usb/breakglass.key}
+      to: [offsite]
+""")
+
+
+def test_platform_sources_and_breakglass_load(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(PLATFORM)
+    cfg = load_config(f)
+    assert cfg.location("vault-main").address == "https://vault.lab:8200"
+    assert cfg.policy("vault").source.canaries == ["secret/drtool/canary#value"]
+    assert cfg.policy("etcd").leg("machineconfig").upload.content == "machineconfig"
+    assert cfg.breakglass is not None and cfg.breakglass.to == ["offsite"]
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("    token: {file: /etc/drtool/vault-token}\n", "",
+     "locations.vault-main: give exactly one of 'token' or 'approle'"),
+    ("address: https://vault.lab:8200", "address: vault.lab:8200", "locations.vault-main.address"),
+    ('canaries: ["secret/drtool/canary#value"]', 'canaries: ["secret/drtool/canary"]', "is not mount/path#key"),
+    ("source: {location: talos-lab}", "source: {location: talos-lab, path: /x}", "a talos source is the whole cluster: remove 'path'"),
+    ("    talosconfig: {file: /etc/drtool/talosconfig}\n", "", "talosctl needs 'talosconfig'"),
+    ("  to: [offsite]", "  to: [repo]", "breakglass.to[0]: the bundle goes to object stores: 'repo' is a restic location"),
+    ("  to: [offsite]", "  to: [ofsite]", "unknown location 'ofsite' (did you mean 'offsite'?)"),
+    ('recipients: ["age1', 'recipients: ["agex1', "is not an age public key"),
+])
+def test_platform_errors_name_the_fix(tmp_path, old, new, expected):
+    assert old in PLATFORM
+    errs = _errors(tmp_path, PLATFORM.replace(old, new, 1))
+    assert any(expected in e for e in errs), errs
+    assert all(e.startswith(str(tmp_path / "p.yaml") + ":") for e in errs)
+
+
+def test_content_belongs_to_talos_sources(tmp_path):
+    text = PLATFORM.replace("source: {location: vault-main, canaries", "source: {location: vault-main, canaries", 1).replace(
+        "verify: {level: sample, every: 7d}}", "verify: {level: sample, every: 7d}, upload: {content: etcd}}", 1)
+    errs = _errors(tmp_path, text)
+    assert any("policies[0].legs[0].upload.content" in e and "talos source" in e for e in errs), errs
+
+
+def test_two_breakglass_sections_are_one_too_many(tmp_path):
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "a.yaml").write_text(PLATFORM)
+    (d / "b.yaml").write_text("version: 1\nbreakglass:\n  recipients: [\"age1abc\"]\n")
+    with pytest.raises(PolicyError) as exc:
+        load_config(d)
+    assert any("already defined at" in str(i) and "a.yaml" in str(i) for i in exc.value.issues)
