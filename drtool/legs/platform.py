@@ -217,7 +217,7 @@ class EtcdSnapshotSource(_Talos):
                                 etcdctl=self.loc.etcdctl, etcd=self.loc.etcd_binary))
 
     def produce(self, path: Path) -> dict[str, Any]:
-        from ..backends.etcd import snapshot_status, verify_snapshot
+        from ..backends.etcd import snapshot_key_counts, snapshot_status, verify_snapshot
 
         talosctl = self._talosctl()
         if talosctl:
@@ -233,8 +233,15 @@ class EtcdSnapshotSource(_Talos):
         if status.total_keys == 0:
             raise SourceError(f"the etcd snapshot ({via}) holds no keys: an empty etcd is not a recovery point")
         if self.loc.etcd is not None:
-            counts = self._etcd().key_counts("/registry/", revision=status.revision)
-            counted = "live etcd at the snapshot's revision"
+            try:
+                counts = self._etcd().key_counts("/registry/", revision=status.revision)
+                counted = "live etcd at the snapshot's revision"
+            except BackendError as exc:
+                if "compacted" not in str(exc):
+                    raise
+                # the API server compacted past the snapshot's revision meanwhile (every 5 min by default)
+                counts = snapshot_key_counts(path).counts
+                counted = "the snapshot file (live etcd had compacted past its revision)"
         else:  # talosctl only: no etcd API here; count what the snapshot holds (a restore proves it whole now)
             out = verify_snapshot(path, None, workdir=path.parent, etcdctl=self.loc.etcdctl, etcd=self.loc.etcd_binary)
             if not out["ok"]:
