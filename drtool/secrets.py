@@ -1,7 +1,7 @@
 """Secret references, resolved at the last moment and masked everywhere.
 
 A policy never holds a secret value, only a reference: ``{env: NAME}``,
-``{file: path}`` or ``{command: [argv…]}``. Resolution returns a
+``{file: path}``, ``{command: [argv…]}`` or ``{vault: mount/path#key}``. Resolution returns a
 ``pydantic.SecretStr`` and registers the value with the process-wide masker,
 so every log line, error message and run record passes through ``mask()``.
 """
@@ -15,17 +15,24 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from .errors import SecretError
+from .errors import BackendError, SecretError
 
 MASK = "***"
 
 
 class SecretRef(BaseModel):
-    """Where to read a secret from. Exactly one of ``env``, ``file``, ``command``."""
+    """Where to read a secret from. Exactly one of ``env``, ``file``, ``command``, ``vault``.
+
+    ``vault`` reads a KV secret (v2 or v1, detected) from the Vault or OpenBao server in
+    ``VAULT_ADDR`` (or ``BAO_ADDR``) with the token in ``VAULT_TOKEN`` (or ``BAO_TOKEN``),
+    trusting the CA bundle in ``VAULT_CACERT`` (or ``BAO_CACERT``) if set, in the
+    namespace ``VAULT_NAMESPACE`` (or ``BAO_NAMESPACE``) if set. It needs the hvac
+    client library: ``pip install 'drtool[vault]'``."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"env": "RESTIC_PASSWORD"}, {"file": "/etc/drtool/restic.pass"}]},
+        json_schema_extra={"examples": [{"env": "RESTIC_PASSWORD"}, {"file": "/etc/drtool/restic.pass"},
+                                        {"vault": "secret/backup/restic#password"}]},
     )
 
     env: str | None = Field(None, description="Name of an environment variable holding the secret.", examples=["RESTIC_PASSWORD"])
@@ -36,12 +43,23 @@ class SecretRef(BaseModel):
         description="A command (argv list, no shell) whose stdout is the secret, e.g. a password manager CLI.",
         examples=[["pass", "show", "backup/restic"]],
     )
+    vault: str | None = Field(
+        None,
+        description="A key of a Vault/OpenBao KV secret, as mount/path#key (KV v2 or v1, detected), read from the "
+        "server in VAULT_ADDR (or BAO_ADDR) with the token in VAULT_TOKEN (or BAO_TOKEN); VAULT_CACERT names a CA "
+        "bundle. Needs pip install 'drtool[vault]'.",
+        examples=["secret/backup/restic#password"],
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SecretRef":
-        given = [k for k in ("env", "file", "command") if getattr(self, k) is not None]
+        given = [k for k in ("env", "file", "command", "vault") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("a secret reference needs exactly one of env, file, command, e.g. {env: RESTIC_PASSWORD}")
+            raise ValueError("a secret reference needs exactly one of env, file, command, vault, e.g. {env: RESTIC_PASSWORD}")
+        if self.vault is not None:
+            path, _, key = self.vault.rpartition("#")
+            if not key or "/" not in path.strip("/"):
+                raise ValueError(f"vault: {self.vault!r} is not of the form mount/path#key, e.g. secret/backup/restic#password")
         return self
 
     def describe(self) -> str:
@@ -50,6 +68,8 @@ class SecretRef(BaseModel):
             return f"env:{self.env}"
         if self.file is not None:
             return f"file:{self.file}"
+        if self.vault is not None:
+            return f"vault:{self.vault}"
         return f"command:{self.command[0]}"  # type: ignore[index]
 
 
@@ -103,6 +123,8 @@ def resolve(ref: SecretRef, *, what: str = "secret") -> SecretStr:
             value = path.read_text().rstrip("\r\n")
         except OSError as exc:
             raise SecretError(f"{what}: cannot read secret file {path}: {exc.strerror}") from None
+    elif ref.vault is not None:
+        value = _read_vault(ref, what)
     else:
         argv = list(ref.command or [])
         try:
@@ -116,6 +138,37 @@ def resolve(ref: SecretRef, *, what: str = "secret") -> SecretStr:
         raise SecretError(f"{what}: {ref.describe()} is empty")
     register_secret(value)
     return SecretStr(value)
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def _read_vault(ref: SecretRef, what: str) -> str:
+    """``ref.vault`` read through ``drtool.backends.vault.VaultApi`` (hvac, imported only
+    here), from the server and with the token the environment names."""
+    try:
+        import hvac  # noqa: F401
+    except ImportError:
+        raise SecretError(f"{what}: {ref.describe()} needs the Vault client library hvac: pip install 'drtool[vault]'") from None
+    from .backends.vault import VaultApi, VaultConn
+
+    address = _env("VAULT_ADDR", "BAO_ADDR")
+    token = _env("VAULT_TOKEN", "BAO_TOKEN")
+    if not address:
+        raise SecretError(f"{what}: {ref.describe()}: set VAULT_ADDR (or BAO_ADDR) to the server's address")
+    if not token:
+        raise SecretError(f"{what}: {ref.describe()}: set VAULT_TOKEN (or BAO_TOKEN) to a token that may read it")
+    register_secret(token)
+    conn = VaultConn(address, cacert=_env("VAULT_CACERT", "BAO_CACERT"), token=SecretStr(token),
+                     namespace=_env("VAULT_NAMESPACE", "BAO_NAMESPACE"))
+    try:
+        return VaultApi(conn).read(ref.vault or "").get_secret_value()
+    except (SecretError, BackendError) as exc:
+        raise SecretError(mask(f"{what}: {exc}")) from None
 
 
 class MaskingFilter(logging.Filter):

@@ -206,8 +206,9 @@ class VaultLocation(LocationBase):
     approle: AppRole | None = Field(None, description="AppRole login instead of a token.")
     unseal_keys: list[SecretRef] = Field(
         default_factory=list,
-        description="The unseal (or recovery) key shares, each a secret reference: at least the threshold. They go into the break-glass "
-        "bundle, and a sample verify unseals the restored copy with them (from the bundle when one exists).",
+        description="The Shamir unseal key shares, each a secret reference: at least the threshold. They go into the break-glass "
+        "bundle, and a sample verify unseals the restored copy with them (from the bundle when one exists). Recovery keys of an "
+        "auto-unsealed cluster cannot unseal a scratch server: such a cluster can be verified at integrity level only.",
         examples=[[{"file": "/etc/drtool/vault/unseal-1"}, {"file": "/etc/drtool/vault/unseal-2"}]])
     server_binary: str | None = Field(None, description="The server binary a sample verify starts as a scratch server (default: bao or vault on PATH).",
                                       examples=["bao"])

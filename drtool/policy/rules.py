@@ -103,6 +103,17 @@ def _attrs(loc: LocationBase) -> dict[str, Any]:
     return {"media": loc.media, "site": loc.site, "failure_domain": loc.failure_domain, "immutable": loc.immutable, "offline": loc.offline}
 
 
+def _content(leg: Any) -> str:
+    """What an upload leg of a talos source carries: etcd unless it says machineconfig."""
+    return (leg.upload.content if leg.upload is not None else None) or "etcd"
+
+
+def _main_content(policy: Any) -> str:
+    """What a talos policy's copies are copies of: the etcd data when any leg uploads it,
+    else the machine config."""
+    return "etcd" if any(_content(leg) == "etcd" for leg in policy.legs) else "machineconfig"
+
+
 def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None = None,
            facts: Mapping[str, tuple[bool, str]] | None = None) -> Assessment:
     """``facts``: location -> (immutable, how we know), read from stores that can tell
@@ -148,6 +159,9 @@ def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None =
             c.reason = "a snapshot on the source's own storage is a recovery point, not an independent copy"
         elif leg.kind == "parity":
             c.reason = "SnapRAID parity is protection, not a copy"
+        elif getattr(src, "type", "") == "talos" and _content(leg) != _main_content(policy):
+            c.reason = (f"it uploads the {_content(leg)}, not a copy of this policy's {_main_content(policy)} data: "
+                        "give it a policy of its own to count its copies")
         elif loc.failure_domain in counted_domains:
             other = counted_domains[loc.failure_domain]
             if other == "the source":
