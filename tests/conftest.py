@@ -154,3 +154,15 @@ def openbao():
     from services.openbao import OpenBao, OpenBaoUnavailable
 
     yield from _serve("bao", OpenBaoUnavailable, lambda: OpenBao().start())
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    """One real single-node Ceph cluster (mon, mgr, one memstore OSD, mds; apt ceph-*,
+    Pacific) on 127.0.0.1 for the session, all state in a temp dir
+    (tests/services/ceph.py): ``ceph_cluster.conf`` / ``.keyring`` paths,
+    ``.make_pool(prefix)`` for fresh uniquely named RBD pools. Skips without Ceph,
+    fails under DRTOOL_TEST_REQUIRE=all."""
+    from services.ceph import CephCluster, CephUnavailable
+
+    yield from _serve("ceph-mon", CephUnavailable, lambda: CephCluster().start())
