@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(restic b3sum postgresql zfs-fuse openssh-client openssh-server snapraid mergerfs etcd-server etcd-client)   # later backends append their tools here
+APT_PACKAGES=(restic b3sum postgresql zfs-fuse openssh-client openssh-server snapraid mergerfs etcd-server etcd-client ceph-mon ceph-mgr ceph-osd ceph-mds ceph-common ceph-fuse)   # later backends append their tools here
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

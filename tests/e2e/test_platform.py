@@ -302,3 +302,36 @@ def test_talosctl_command_lines():
         ["talosctl", "--nodes", "10.0.0.2", "etcd", "snapshot", "/w/etcd.db"]
     assert talosctl_machineconfig_args("talosctl", "10.0.0.2") == \
         ["talosctl", "--nodes", "10.0.0.2", "get", "machineconfig", "--output", "yaml"]
+
+
+def test_machine_configs_from_git_files_upload_and_verify(tmp_path, etcd_server, fake_gcs):
+    repo = tmp_path / "talos-git" / "clusterconfig"
+    repo.mkdir(parents=True)
+    (repo / "controlplane.yaml").write_text("version: v1alpha1\nmachine: {type: controlplane}\n")
+    (repo / "worker.yaml").write_text("version: v1alpha1\nmachine: {type: worker}\n")
+    bucket = fake_gcs.make_bucket("machineconfig")
+    cfg = _etcd_config(tmp_path, etcd_server, fake_gcs, bucket)
+    text = cfg.read_text().replace("    media: nvme\n", f"    machine_configs: {repo}\n    media: nvme\n", 1)
+    text += """      - kind: upload
+        name: machineconfig
+        to: offsite
+        schedule: "0 4 * * *"
+        upload: {content: machineconfig}
+        verify: {level: integrity, every: 1d}
+"""
+    cfg.write_text(text)
+    run = _ok(cfg, "run", "--policy", "etcd", "--leg", "machineconfig", "--no-verify")
+    assert run["results"][0]["phase"] == "succeeded", run
+    out = _ok(cfg, "verify", "--policy", "etcd", "--leg", "machineconfig", "--level", "integrity")
+    assert out["verifications"][0]["ok"] and "2 files" in out["verifications"][0]["message"], out
+    target = tmp_path / "restore"
+    _ok(cfg, "restore", "--policy", "etcd", "--leg", "machineconfig", "--target", str(target))
+    import tarfile
+
+    with tarfile.open(target / "machineconfig.tar") as tar:
+        assert sorted(m.name for m in tar if m.isfile()) == ["clusterconfig/controlplane.yaml", "clusterconfig/worker.yaml"]
+
+    (repo / "controlplane.yaml").unlink()
+    (repo / "worker.yaml").unlink()
+    p = _drtool(cfg, "run", "--policy", "etcd", "--leg", "machineconfig")
+    assert p.returncode == 1 and "holds no machine config files" in p.stdout + p.stderr
