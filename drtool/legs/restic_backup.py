@@ -24,12 +24,35 @@ class ResticBackupLeg(LegDriver):
     def repo(self) -> Repository:
         return self.ctx.repo(self.leg.to)  # type: ignore[arg-type]
 
+    def _platform(self) -> Any:
+        from .platform import platform_source
+
+        return platform_source(self)  # type: ignore[arg-type]
+
     def describe(self) -> str:
+        plat = self._platform()
+        if plat is not None:
+            return f"would back up {plat.what} to {self.leg.to} ({self.ctx.cfg.location(self.leg.to).repository})"  # type: ignore[arg-type,attr-defined]
         manifest.check_source(self.policy.source.paths)
         return f"would back up {', '.join(self.policy.source.paths)} to {self.leg.to} ({self.ctx.cfg.location(self.leg.to).repository})"  # type: ignore[arg-type,attr-defined]
 
     def run(self, rec: Any) -> LegOutcome:
-        paths = self.policy.source.paths
+        plat = self._platform()
+        if plat is None:
+            return self._run_paths(rec, self.policy.source.paths, {})
+        # a platform artifact (raft or etcd snapshot) is written and proved whole first, at a
+        # stable path (restic keys snapshots by path), then backed up as one file
+        work = self.ctx.state_dir / "platform" / self.policy.name / self.leg.leg_name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, mode=0o700)
+        try:
+            path = work / plat.default_name()
+            source_point = plat.produce(path)
+            return self._run_paths(rec, [str(path)], {"source_point": source_point, "source_kind": plat.kind})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _run_paths(self, rec: Any, paths: list[str], extra: dict[str, Any]) -> LegOutcome:
         manifest.check_source(paths)
         repo = self.repo
         repo.ensure_ready(create=getattr(self.ctx.cfg.location(self.leg.to), "init", False))  # type: ignore[arg-type]
@@ -52,7 +75,7 @@ class ResticBackupLeg(LegDriver):
             point=out.point,
             bytes_processed=out.bytes_processed,
             warnings=warnings,
-            detail={"paths": paths, "files": out.files, "bytes_added": out.bytes_added, "manifest": [e.to_dict() for e in kept]},
+            detail={"paths": paths, "files": out.files, "bytes_added": out.bytes_added, "manifest": [e.to_dict() for e in kept], **extra},
             message=f"snapshot {out.point.id[:8]} of {out.files} files, {out.bytes_processed} bytes ({out.bytes_added} new)",
         )
 
@@ -102,6 +125,24 @@ class ResticBackupLeg(LegDriver):
 
     # -- verification -------------------------------------------------------------
 
+    def _platform_sample(self, level: str, point: RecoveryPoint, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """The artifact matched its backup-time BLAKE3; now the platform's own proof on it
+        (a scratch Vault unsealed with the original keys, an etcd restore with key counts)."""
+        plat = self._platform()
+        doc = _platform_doc(self.ctx, self.policy.name, self.leg.leg_name, point.id)
+        scratch = Path(tempfile.mkdtemp(prefix="drtool-verify-", dir=self.ctx.state_dir))
+        try:
+            path = scratch / plat.default_name()
+            with open(path, "wb") as out:
+                self.repo.read_file(point.id, entries[0]["path"], out.write)
+            problems, proved = plat.sample(path, doc, scratch)
+        except DrtoolError as exc:
+            problems, proved = [str(exc)], ""
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        msg = "; ".join(problems) if problems else f"{point.id[:8]}: the artifact matches its backup-time BLAKE3; {proved}"
+        return {"level": level, "ok": not problems, "message": f"{level}: {msg}", "point": point.id}
+
     def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
         if level == "integrity":
             chk = self.repo.check(read_data_percent=self.leg.verify.read_data_percent)
@@ -140,10 +181,20 @@ class ResticBackupLeg(LegDriver):
                         mismatches.append(f"{e['path']}: BLAKE3 differs from the backup-time hash")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        plat = self._platform()
+        if plat is not None and not mismatches:
+            return self._platform_sample(level, point, chosen)
         ok = not mismatches
         msg = (f"{level}: {len(chosen)} file(s) restored from {point.id[:8]} match their backup-time BLAKE3"
                if ok else f"{level}: {len(mismatches)} of {len(chosen)} file(s) from {point.id[:8]} do not match: " + "; ".join(mismatches[:5]))
         return {"level": level, "ok": ok, "message": msg, "point": point.id, "files": len(chosen), "mismatches": mismatches[:50]}
+
+
+def _platform_doc(ctx: Any, policy: str, leg: str, point_id: str) -> dict[str, Any]:
+    for run in ctx.catalog.runs(policy=policy, kind="leg", limit=500, leg=leg):
+        if run.recovery_point == point_id and run.phase == RunPhase.succeeded.value:
+            return {"source_point": (run.detail or {}).get("source_point") or {}}
+    return {"source_point": {}}
 
 
 def _manifest_for(ctx: Any, policy: str, leg: str, points: list[RecoveryPoint]) -> tuple[RecoveryPoint, list[dict[str, Any]]] | None:

@@ -356,9 +356,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     continue
                 ttype = loc_type(to)
                 allowed = supported_types.get(str(kind), ())
-                if kind == "backup" and isinstance(src_name, str) and loc_type(src_name) not in (None, "filesystem", "snapraid"):
-                    issues.append(Issue(str(f), line, dotted, f"backup legs read files: the source must be a filesystem or snapraid location with 'path' (this one is {loc_type(src_name)})"))
-                elif kind == "backup" and isinstance(source, CommentedMap) and not source.get("path"):
+                platform_src = isinstance(src_name, str) and loc_type(src_name) in ("vault", "talos")
+                if kind == "backup" and isinstance(src_name, str) and loc_type(src_name) not in (None, "filesystem", "snapraid", "vault", "talos"):
+                    issues.append(Issue(str(f), line, dotted, f"backup legs read files, a Vault or an etcd: the source must be a filesystem or snapraid location with 'path', or a vault or talos location (this one is {loc_type(src_name)})"))
+                elif kind == "backup" and not platform_src and isinstance(source, CommentedMap) and not source.get("path"):
                     issues.append(Issue(str(f), line, dotted, "backup legs read files: give the source a 'path' (the directories to back up)"))
                 elif kind == "upload" and isinstance(source, CommentedMap) and not source.get("path") and not (
                         isinstance(leg.get("upload"), CommentedMap) and leg["upload"].get("command")) and not (

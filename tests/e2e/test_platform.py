@@ -335,3 +335,57 @@ def test_machine_configs_from_git_files_upload_and_verify(tmp_path, etcd_server,
     (repo / "worker.yaml").unlink()
     p = _drtool(cfg, "run", "--policy", "etcd", "--leg", "machineconfig")
     assert p.returncode == 1 and "holds no machine config files" in p.stdout + p.stderr
+
+
+def test_vault_and_etcd_into_restic_backup_legs(tmp_path, openbao, etcd_server, fake_gcs):
+    """The same artifacts through restic: the sample verify restores the file from the
+    repository, checks its backup-time BLAKE3, then runs the platform's own proof on it."""
+    client = openbao.client()
+    path = f"drtool-{uuid.uuid4().hex[:8]}/canary"
+    client.secrets.kv.v2.create_or_update_secret(path=path, secret={"value": "x"}, mount_point="secret")
+    etcd_server.fill({f"deploy{uuid.uuid4().hex[:6]}": 12})
+    cfg = _vault_config(tmp_path, openbao, fake_gcs, fake_gcs.make_bucket("unused"), f"secret/{path}")
+    (tmp_path / "restic.pass").write_text("restic-test-pass\n")
+    text = cfg.read_text().replace("policies:\n", f"""\
+  repo:
+    type: restic
+    repository: {tmp_path}/repo
+    password: {{file: {tmp_path}/restic.pass}}
+    init: true
+    media: hdd
+    site: home
+    failure_domain: nas
+  talos-lab:
+    type: talos
+    etcd: {{endpoints: ["{etcd_server.endpoint}"]}}
+    media: nvme
+    site: home
+    failure_domain: k8s
+policies:
+""", 1)
+    text += """      - kind: backup
+        to: repo
+        schedule: "0 3 * * *"
+        verify: {level: sample, every: 1d}
+  - name: etcd
+    source: {location: talos-lab}
+    rpo: 1d
+    rto: 4h
+    legs:
+      - kind: backup
+        to: repo
+        schedule: "0 3 * * *"
+        verify: {level: sample, every: 1d, sample_files: 4}
+"""
+    cfg.write_text(text)
+    proof = {"vault": "1/1 canaries read", "etcd": "random keys read back"}
+    for policy in ("vault", "etcd"):
+        run = _ok(cfg, "run", "--policy", policy, "--leg", "backup-repo", "--no-verify")
+        assert run["results"][0]["phase"] == "succeeded", run
+        out = _ok(cfg, "verify", "--policy", policy, "--leg", "backup-repo", "--level", "sample")
+        assert out["verifications"][0]["ok"], out
+        assert "matches its backup-time BLAKE3" in out["verifications"][0]["message"]
+        assert proof[policy] in out["verifications"][0]["message"], out
+    runs = _drtool(cfg, "runs", "--json")
+    for value in _secret_values(openbao):
+        assert value not in runs.stdout + runs.stderr
