@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /var/tmp/drtool-demo
 
-.PHONY: install test demo docs bench bench-zfs bench-parity bench-upload clean-demo
+.PHONY: install test demo docs bench bench-zfs bench-parity bench-upload bench-platform clean-demo
 
 install:
 	@scripts/install-deps.sh
@@ -28,6 +28,10 @@ bench-parity: install
 
 bench-upload: install
 	$(PY) bench/upload_throughput.py
+
+bench-platform: install
+	$(PY) bench/etcd_verify.py
+	$(PY) bench/vault_verify.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

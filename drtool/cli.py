@@ -435,6 +435,143 @@ def events_cmd(st: State, limit: int) -> None:
               e.get("message", ""))
 
 
+# ------------------------------------------------------------------ drills
+
+
+@cli.group()
+def drill() -> None:
+    """DR exercises: restore into scratch, check, measure RTO/RPO against targets, always tear down, keep evidence."""
+
+
+@drill.command("run")
+@click.argument("file", type=click.Path())
+@click.option("--dry-run", is_flag=True, help="Validate the drill and show which point each step would restore; restore nothing.")
+@json_option
+@pass_state
+def drill_run(st: State, file: str, dry_run: bool) -> None:
+    """Run a drill file. Exit 0 pass, 1 fail, 3 partial (only optional checks failed)."""
+    from .drill.load import load_drill
+    from .drill.runner import _pick_leg, check_references, run_drill
+
+    d = load_drill(file)
+    ctx = st.ctx()
+    if dry_run:
+        from .restore import resolve_point
+
+        problems = check_references(ctx.cfg, d)
+        if problems:
+            raise ConfigError(f"{file}: " + "; ".join(problems))
+        plan = []
+        for step in d.steps:
+            pol, leg = _pick_leg(ctx.cfg, step)
+            try:
+                p = resolve_point(ctx, pol, leg, step.restore.point if step.restore.point != "random" else "latest")
+                what = f"{step.restore.point}: {p.id} ({p.time:%Y-%m-%d %H:%M}Z)" if step.restore.point != "random" else "a random point"
+            except DrtoolError as exc:
+                what = f"cannot resolve: {exc}"
+            plan.append({"step": step.name, "needs": step.needs, "policy": pol.name, "leg": leg.leg_name, "point": what,
+                         "checks": [c.label for c in step.checks]})
+        if st.json:
+            _emit_json({"drill": d.name, "dry_run": True, "steps": plan})
+        else:
+            for p in plan:
+                _line("planned", f"{d.name}/{p['step']}", f"restore {p['policy']}/{p['leg']} {p['point']}; checks: {', '.join(p['checks']) or 'none'}")
+        raise Exit(ExitCode.OK)
+    res = run_drill(ctx, d, file)
+    if st.json:
+        _emit_json(res.to_dict())
+    else:
+        from .drill.runner import format_duration_s
+
+        for s in res.steps:
+            _line({"passed": "succeeded", "partial": "partially_failed"}.get(s.status, s.status), f"{d.name}/{s.name}", s.message)
+        _line({"pass": "succeeded", "partial": "partially_failed"}.get(res.verdict, "failed"), f"drill {d.name}",
+              f"{res.verdict.upper()}: RTO {format_duration_s(res.rto_s)} (target {d.targets.rto}), "
+              f"RPO {format_duration_s(res.rpo_s)} (target {d.targets.rpo})" + (f"; {'; '.join(res.reasons)}" if res.reasons else ""))
+        out_console.print(f"evidence: {res.evidence.get('html', '-')}", highlight=False)
+    raise Exit(res.exit_code)
+
+
+@drill.command("list")
+@click.argument("directory", required=False, type=click.Path())
+@json_option
+@pass_state
+def drill_list(st: State, directory: str | None) -> None:
+    """Drill files (./drills, or $DRTOOL_DRILLS) with their last verdict."""
+    from .drill.load import drill_files, load_drill
+
+    ctx = st.ctx()
+    last = {}
+    for r in ctx.catalog.runs(kind="drill", limit=500):
+        last.setdefault(r.leg, r)
+    rows = []
+    for f in drill_files(directory):
+        try:
+            d = load_drill(f)
+            name, err = d.name, None
+        except DrtoolError as exc:
+            name, err = f.stem, str(exc)
+        r = last.get(name)
+        rows.append({"file": str(f), "drill": name, "error": err, "last_verdict": (r.detail or {}).get("verdict") if r else None,
+                     "last_run": r.started_at.isoformat() if r else None, "last_rto_s": (r.detail or {}).get("rto_s") if r else None})
+    if st.json:
+        _emit_json({"drills": rows})
+    else:
+        for row in rows:
+            what = row["error"] or (f"last: {row['last_verdict']} at {row['last_run'][:19]}, RTO {row['last_rto_s']}s" if row["last_run"] else "never run")
+            _line("failed" if row["error"] else "planned", f"{row['drill']} ({row['file']})", what)
+
+
+@drill.command("show")
+@click.argument("ident")
+@json_option
+@pass_state
+def drill_show(st: State, ident: str) -> None:
+    """One drill's evidence, by run uuid (or a unique prefix)."""
+    ctx = st.ctx()
+    found = [r for r in ctx.catalog.runs(kind="drill", limit=1000) if r.uuid.startswith(ident)]
+    if len(found) != 1:
+        raise ConfigError(f"{ident!r} matches {len(found)} drill runs: see `drtool drill history`")
+    doc = found[0].detail or {}
+    if st.json:
+        _emit_json(doc)
+        return
+    _line({"pass": "succeeded", "partial": "partially_failed"}.get(doc.get("verdict"), "failed"), f"drill {doc.get('drill')}",
+          f"{doc.get('verdict')} at {doc.get('started_at')}: RTO {doc.get('rto_s')}s / {doc.get('rto_target_s')}s, "
+          f"RPO {doc.get('rpo_s')}s / {doc.get('rpo_target_s')}s")
+    for s in doc.get("steps", []):
+        _line({"passed": "succeeded"}.get(s["status"], s["status"]), s["name"], s["message"])
+    for r in doc.get("reasons", []):
+        out_console.print(f"  reason: {r}", highlight=False)
+    out_console.print(f"evidence: {doc.get('evidence', {}).get('html', '-')}", highlight=False)
+
+
+@drill.command("history")
+@click.option("--drill", "drill_name", help="Only this drill.")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+@pass_state
+def drill_history(st: State, drill_name: str | None, limit: int) -> None:
+    """Past drills, newest first, with the RTO trend per drill."""
+    ctx = st.ctx()
+    runs = [r for r in ctx.catalog.runs(kind="drill", limit=1000) if drill_name is None or r.leg == drill_name][:limit]
+    rows = [{"uuid": r.uuid, "drill": r.leg, "started_at": r.started_at.isoformat(), "verdict": (r.detail or {}).get("verdict"),
+             "rto_s": (r.detail or {}).get("rto_s"), "rto_target_s": (r.detail or {}).get("rto_target_s"),
+             "rpo_s": (r.detail or {}).get("rpo_s")} for r in runs]
+    trend: dict[str, list[float]] = {}
+    for row in reversed(rows):  # oldest first
+        if row["rto_s"] is not None:
+            trend.setdefault(row["drill"], []).append(row["rto_s"])
+    if st.json:
+        _emit_json({"drills": rows, "rto_trend": trend})
+        return
+    for row in rows:
+        _line({"pass": "succeeded", "partial": "partially_failed"}.get(row["verdict"], "failed"), f"{row['drill']} {row['started_at'][:19]}",
+              f"{row['verdict']}: RTO {row['rto_s']}s (target {row['rto_target_s']}s) [{row['uuid'][:8]}]")
+    for name, values in trend.items():
+        out_console.print(f"RTO trend {name}: " + " → ".join(f"{v:.1f}s" for v in values), highlight=False)
+
+
 # ------------------------------------------------------------------ break-glass
 
 

@@ -36,7 +36,7 @@ class RestoreResult:
 
 
 def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> RecoveryPoint:
-    """``latest``, ``latest-verified``, or a point id / unique id prefix (or snapshot name)."""
+    """``latest``, ``latest-verified``, ``random``, or a point id / unique id prefix (or snapshot name)."""
     from .legs import driver_for
 
     driver = driver_for(ctx, policy, leg)
@@ -45,6 +45,10 @@ def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> Reco
         raise DrtoolError(f"no recovery point of {policy.name}/{leg.leg_name} exists in {driver.location}")
     if selector == "latest":
         return points[-1]
+    if selector == "random":  # drills: any point must restore, not only the newest
+        import random
+
+        return random.Random().choice(points)
     if selector == "latest-verified":
         pid = ctx.catalog.last_successful_verified_point(driver.location, policy=policy.name)
         match = [p for p in points if p.id == pid]

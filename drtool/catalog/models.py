@@ -104,7 +104,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 from ..phases import TERMINAL_PHASES, RunPhase  # noqa: E402  (re-exported)
 
-RUN_KINDS = frozenset({"leg", "verify", "prune", "drill-step", "restore"})
+RUN_KINDS = frozenset({"leg", "verify", "prune", "drill", "drill-step", "restore"})
 
 #: Verification levels, shallowest first.
 VERIFICATION_LEVELS: tuple[str, ...] = ("exists", "integrity", "sample", "full")

@@ -138,8 +138,9 @@ class VaultRaftSource(PlatformSource):
         return [resolve(r, what=f"location {self.policy.source.location} unseal key") for r in self.loc.unseal_keys], \
             f"location {self.policy.source.location}'s unseal_keys"
 
-    def sample(self, path: Path, doc: dict[str, Any], workdir: Path) -> tuple[list[str], str]:
-        """Restore into a scratch server, unseal with the original keys, read every canary."""
+    def sample(self, path: Path, doc: dict[str, Any], workdir: Path, canaries: list[str] | None = None) -> tuple[list[str], str]:
+        """Restore into a scratch server, unseal with the original keys, read every canary
+        (``canaries``: these instead of the policy's)."""
         from ..backends.vault import ScratchVault, VaultApi
 
         problems, proved = self.integrity(path, doc, workdir)
@@ -147,12 +148,13 @@ class VaultRaftSource(PlatformSource):
             return problems, proved
         keys, origin = self._unseal_keys()
         recorded = (doc.get("source_point") or {}).get("canaries", {})
+        wanted = self.policy.source.canaries if canaries is None else canaries
         read = 0
         with ScratchVault(workdir / "vault", binary=self.loc.server_binary) as scratch:
             scratch.start()
             scratch.restore(path, keys)
             api = VaultApi(self._conn(scratch.address))
-            for ref in self.policy.source.canaries:
+            for ref in wanted:
                 try:
                     api.read(ref)
                     version = api.kv_version(ref)
@@ -164,7 +166,7 @@ class VaultRaftSource(PlatformSource):
                 if want is not None and (version is None or version < want):
                     problems.append(f"canary {ref} is at version {version} in the restore, {want} was recorded at backup")
         return problems, (f"restored into a scratch server, unsealed with the keys from {origin}, "
-                          f"{read}/{len(self.policy.source.canaries)} canaries read")
+                          f"{read}/{len(wanted)} canaries read")
 
     def restore_hint(self, path: Path) -> str:
         return (f"to restore: `bao operator raft snapshot restore -force {path}` (or vault …) on the recovered cluster, "
@@ -265,6 +267,10 @@ class EtcdSnapshotSource(_Talos):
         if sample:
             proved += f"; a scratch etcd serves the same counts, {out.get('keys_read', 0)} random keys read back"
         return problems, proved
+
+    def verify_file(self, path: Path, doc: dict[str, Any], workdir: Path, sample: int) -> tuple[list[str], str]:
+        """Restore + key counts against the backup-time record, and ``sample`` random keys read from a scratch etcd."""
+        return self._verify(path, doc, workdir, sample)
 
     def integrity(self, path: Path, doc: dict[str, Any], workdir: Path) -> tuple[list[str], str]:
         return self._verify(path, doc, workdir, 0)

@@ -1,0 +1,182 @@
+"""Drill files (``drills/*.yaml``): validated like policies, one source of truth for
+validation and JSON Schema. A drill is a DAG of steps; each step restores one
+recovery point into the scratch environment and runs checks on what came back."""
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..durations import parse_duration
+from ..policy.models import Duration, Name, Strict
+
+POINT_HINT = "latest, latest-verified, random, or a point id"
+
+
+class Targets(Strict):
+    """What the drill must achieve: both are compared with the measured values."""
+
+    rto: Duration = Field(description="Recovery time objective: the drill's measured restore time (all steps, wall clock) must not exceed it.",
+                          examples=["30m"])
+    rpo: Duration = Field(description="Recovery point objective: every restored point must be younger than this when the drill starts.",
+                          examples=["24h"])
+
+
+class RestoreSpec(Strict):
+    """Which recovery point to restore."""
+
+    policy: Name = Field(description="The policy whose data to restore.", examples=["vault"])
+    from_: Name | None = Field(None, alias="from", description="The location to restore from (a leg's target, or the source's location for "
+                               "snapshot legs). Optional when the policy has one leg.", examples=["offsite-gcs"])
+    leg: Name | None = Field(None, description="The leg to restore from, instead of 'from'.", examples=["upload-offsite-gcs"])
+    point: str = Field("latest", description=f"Which point: {POINT_HINT}.", examples=["latest-verified"], min_length=1)
+
+
+class EtcdCheck(Strict):
+    """The restored etcd snapshot restores, and its key counts per /registry/ prefix equal those recorded at backup."""
+
+    sample: int = Field(16, ge=0, description="Also start a scratch etcd on it and read this many random keys (0: counts only).")
+
+
+class VaultCheck(Strict):
+    """The restored raft snapshot unseals in a scratch server with the break-glass keys, and the canaries read back."""
+
+    canaries: list[str] | None = Field(None, description="Secrets to read (mount/path#key). Default: the policy's canaries.",
+                                       examples=[["secret/drtool/canary#value"]])
+
+
+class TreeCompareCheck(Strict):
+    """Restored files against the BLAKE3 manifest recorded at backup time."""
+
+    mode: Literal["sample", "full"] = Field("sample", description="sample: a random sample of the manifest; full: every entry.")
+
+
+class HttpCheck(Strict):
+    """An HTTP probe against something the drill brought up."""
+
+    url: str = Field(description="The URL to GET.", examples=["http://127.0.0.1:8080/healthz"])
+    status: int = Field(200, ge=100, le=599, description="The expected status code.")
+    body_regex: str | None = Field(None, description="A regular expression the body must match.", examples=["ok|healthy"])
+    latency_ms: int | None = Field(None, ge=1, description="The latency budget in milliseconds.", examples=[500])
+
+    @field_validator("body_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"body_regex is not a valid regular expression: {exc}") from None
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"url {v!r} is not an http(s) URL")
+        return v
+
+
+class CommandCheck(Strict):
+    """A command (argv, no shell) run in the step's scratch directory ($DRTOOL_SCRATCH)."""
+
+    argv: list[str] = Field(min_length=1, description="The command.", examples=[["pg_restore", "--list", "db.dump"]])
+    expect_exit: int = Field(0, description="The exit code that means success.")
+    stdout_regex: str | None = Field(None, description="A regular expression stdout must match.")
+    timeout: Duration = Field("10m", description="Killed (and failed) after this long.")
+
+
+CHECK_KINDS = ("etcd", "vault", "tree-compare", "http", "command")
+
+
+class Check(Strict):
+    """One check: exactly one of the kinds below, plus whether it must pass."""
+
+    etcd: EtcdCheck | None = None
+    vault: VaultCheck | None = None
+    tree_compare: TreeCompareCheck | None = Field(None, alias="tree-compare")
+    http: HttpCheck | None = None
+    command: CommandCheck | None = None
+    name: str | None = Field(None, description="A label for reports. Default: the kind.")
+    required: bool = Field(True, description="A failed required check fails the drill; an optional one makes it partial (exit 3).")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Check":
+        given = [k for k in CHECK_KINDS if getattr(self, k.replace("-", "_")) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a check is exactly one of {', '.join(CHECK_KINDS)} (this one has {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in CHECK_KINDS if getattr(self, k.replace("-", "_")) is not None)
+
+    @property
+    def spec(self) -> Strict:
+        return getattr(self, self.kind.replace("-", "_"))
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+class Step(Strict):
+    """One restore into the scratch environment, then its checks."""
+
+    name: Name = Field(description="Step name, unique in the drill.", examples=["vault"])
+    needs: list[Name] = Field(default_factory=list, description="Steps that must succeed first (a DAG).", examples=[["etcd"]])
+    restore: RestoreSpec = Field(description="What to restore.")
+    checks: list[Check] = Field(default_factory=list, description="Checks on what came back.")
+    timeout: Duration = Field("1h", description="The step is stopped (and failed) after this long.")
+
+
+class Drill(Strict):
+    """A DR exercise: restores into scratch, checks, measured against RTO/RPO targets."""
+
+    version: Literal[1] = Field(1, description="Drill file format version.")
+    name: Name = Field(description="Drill name.", examples=["vault"])
+    description: str | None = Field(None, description="Free text for reports.")
+    scratch: Literal["local"] = Field("local", description="Where restores go. local: processes and directories on this host, removed "
+                                      "afterwards. (kubernetes: not built yet.)")
+    targets: Targets = Field(description="RTO and RPO to prove.")
+    timeout: Duration = Field("4h", description="The whole drill is stopped, torn down and failed after this long.")
+    steps: list[Step] = Field(min_length=1, description="The restores and their checks.")
+
+    @model_validator(mode="after")
+    def _dag(self) -> "Drill":
+        names = [s.name for s in self.steps]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"step names must be unique: {', '.join(sorted(dup))}")
+        for s in self.steps:
+            for n in s.needs:
+                if n not in names:
+                    raise ValueError(f"step {s.name!r} needs {n!r}, which is not a step of this drill")
+                if n == s.name:
+                    raise ValueError(f"step {s.name!r} needs itself")
+        order = topo_order(self.steps)
+        if order is None:
+            raise ValueError("the steps' 'needs' form a cycle: a drill is a DAG")
+        return self
+
+    @property
+    def timeout_td(self) -> timedelta:
+        return parse_duration(self.timeout)
+
+
+def topo_order(steps: list[Step]) -> list[str] | None:
+    """Step names in an order that respects ``needs``; None on a cycle."""
+    deps = {s.name: set(s.needs) for s in steps}
+    out: list[str] = []
+    while deps:
+        ready = sorted(n for n, d in deps.items() if not d)
+        if not ready:
+            return None
+        for n in ready:
+            out.append(n)
+            del deps[n]
+        for d in deps.values():
+            d.difference_update(ready)
+    return out
