@@ -463,6 +463,10 @@ def drill_run(st: State, file: str, dry_run: bool) -> None:
             raise ConfigError(f"{file}: " + "; ".join(problems))
         plan = []
         for step in d.steps:
+            if step.restore is None:
+                plan.append({"step": step.name, "needs": step.needs, "policy": None, "leg": None, "point": "nothing to restore",
+                             "checks": [c.label for c in step.checks]})
+                continue
             pol, leg = _pick_leg(ctx.cfg, step)
             try:
                 p = resolve_point(ctx, pol, leg, step.restore.point if step.restore.point != "random" else "latest")
@@ -475,7 +479,8 @@ def drill_run(st: State, file: str, dry_run: bool) -> None:
             _emit_json({"drill": d.name, "dry_run": True, "steps": plan})
         else:
             for p in plan:
-                _line("planned", f"{d.name}/{p['step']}", f"restore {p['policy']}/{p['leg']} {p['point']}; checks: {', '.join(p['checks']) or 'none'}")
+                what = f"restore {p['policy']}/{p['leg']} {p['point']}" if p["policy"] else "no restore"
+                _line("planned", f"{d.name}/{p['step']}", f"{what}; checks: {', '.join(p['checks']) or 'none'}")
         raise Exit(ExitCode.OK)
     res = run_drill(ctx, d, file)
     if st.json:

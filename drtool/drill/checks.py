@@ -48,11 +48,25 @@ class StepContext:
 
 
 def run_check(check: Check, sc: StepContext) -> Outcome:
-    fn = {"etcd": _etcd, "vault": _vault, "tree-compare": _tree_compare, "http": _http, "command": _command}[check.kind]
+    fn = {"etcd": _etcd, "vault": _vault, "tree-compare": _tree_compare, "http": _http, "command": _command,
+          "gpu-compute": _gpu("gpu_compute"), "gpu-inference": _gpu("gpu_inference"), "transcode": _gpu("transcode")}[check.kind]
+    if sc.point is None and check.kind in NEEDS_RESTORE:
+        return False, f"a {check.kind} check inspects restored data: give the step a 'restore'", {}
     try:
         return fn(check.spec, sc)
     except DrtoolError as exc:
         return False, str(exc), {}
+
+
+NEEDS_RESTORE = ("etcd", "vault", "tree-compare")
+
+
+def _gpu(name: str) -> Any:
+    def call(spec: Any, sc: StepContext) -> Outcome:
+        from . import gpu
+
+        return getattr(gpu, name)(spec, sc)
+    return call
 
 
 def _etcd(spec: Any, sc: StepContext) -> Outcome:

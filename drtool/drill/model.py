@@ -88,7 +88,53 @@ class CommandCheck(Strict):
     timeout: Duration = Field("10m", description="Killed (and failed) after this long.")
 
 
-CHECK_KINDS = ("etcd", "vault", "tree-compare", "http", "command")
+class GpuComputeCheck(Strict):
+    """A matmul on the GPU checked against a CPU reference, and its TFLOP/s against a floor. ROCm/HIP and CUDA go
+    through torch.cuda, Intel Arc through torch.xpu (torch: pip install 'drtool[gpu]'). Without a GPU it runs on the
+    CPU and is labelled so: never a GPU pass."""
+
+    device: Literal["auto", "cuda", "rocm", "xpu", "cpu"] = Field("auto", description="Which device to use (auto: the first GPU found).")
+    size: int = Field(2048, ge=64, le=32768, description="Matrix size n (n×n @ n×n).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Element type.")
+    min_tflops: float | None = Field(None, gt=0, description="The device's floor: slower fails the check.", examples=[20])
+    tolerance: float = Field(1e-2, gt=0, description="Largest allowed relative error against the CPU reference.")
+
+
+class GpuInferenceCheck(Strict):
+    """An OpenAI-compatible endpoint (Ollama, vLLM) answers a fixed prompt at temperature 0 (chat), or an
+    embedding endpoint (Immich ML, …) returns a vector close to a golden one."""
+
+    url: str = Field(description="The endpoint's base URL (…/v1).", examples=["http://127.0.0.1:11434/v1"])
+    model: str = Field(description="The model name.", examples=["llama3.2:1b"])
+    prompt: str | None = Field(None, description="chat: the prompt, sent with temperature 0.", examples=["Reply with the word ready."])
+    expect_regex: str | None = Field(None, description="chat: a regular expression the answer must match.", examples=["(?i)ready"])
+    embedding_input: str | None = Field(None, description="embeddings: the input text.")
+    golden: list[float] | None = Field(None, description="embeddings: the expected vector.")
+    min_similarity: float = Field(0.99, ge=-1, le=1, description="embeddings: the lowest cosine similarity to the golden vector.")
+    latency_ms: int | None = Field(None, ge=1, description="The latency budget in milliseconds.")
+
+    @model_validator(mode="after")
+    def _mode(self) -> "GpuInferenceCheck":
+        chat, emb = self.prompt is not None, self.embedding_input is not None
+        if chat == emb:
+            raise ValueError("give either 'prompt' (chat) or 'embedding_input' (embeddings)")
+        if emb and not self.golden:
+            raise ValueError("an embeddings check needs 'golden': the expected vector")
+        return self
+
+
+class TranscodeCheck(Strict):
+    """ffmpeg transcodes a short sample with the device's hardware acceleration; the output's duration and
+    frame count are checked."""
+
+    hwaccel: Literal["vaapi", "qsv", "none"] = Field("vaapi", description="The acceleration to use (none: software, labelled so).")
+    device: str = Field("/dev/dri/renderD128", description="The render node (vaapi/qsv).")
+    input: str | None = Field(None, description="A sample file (default: a generated 5 s 720p test pattern).")
+    seconds: float = Field(5, gt=0, le=600, description="How much to transcode.")
+    codec: Literal["h264", "hevc", "av1"] = Field("h264", description="The output codec.")
+
+
+CHECK_KINDS = ("etcd", "vault", "tree-compare", "http", "command", "gpu-compute", "gpu-inference", "transcode")
 
 
 class Check(Strict):
@@ -99,6 +145,9 @@ class Check(Strict):
     tree_compare: TreeCompareCheck | None = Field(None, alias="tree-compare")
     http: HttpCheck | None = None
     command: CommandCheck | None = None
+    gpu_compute: GpuComputeCheck | None = Field(None, alias="gpu-compute")
+    gpu_inference: GpuInferenceCheck | None = Field(None, alias="gpu-inference")
+    transcode: TranscodeCheck | None = None
     name: str | None = Field(None, description="A label for reports. Default: the kind.")
     required: bool = Field(True, description="A failed required check fails the drill; an optional one makes it partial (exit 3).")
 
@@ -127,8 +176,14 @@ class Step(Strict):
 
     name: Name = Field(description="Step name, unique in the drill.", examples=["vault"])
     needs: list[Name] = Field(default_factory=list, description="Steps that must succeed first (a DAG).", examples=[["etcd"]])
-    restore: RestoreSpec = Field(description="What to restore.")
+    restore: RestoreSpec | None = Field(None, description="What to restore. None: a step of checks only (e.g. GPU checks on the drill host).")
     checks: list[Check] = Field(default_factory=list, description="Checks on what came back.")
+
+    @model_validator(mode="after")
+    def _something(self) -> "Step":
+        if self.restore is None and not self.checks:
+            raise ValueError(f"step {self.name!r} restores nothing and checks nothing: add 'restore' or 'checks'")
+        return self
     timeout: Duration = Field("1h", description="The step is stopped (and failed) after this long.")
 
 
@@ -180,3 +235,12 @@ def topo_order(steps: list[Step]) -> list[str] | None:
         for d in deps.values():
             d.difference_update(ready)
     return out
+
+
+def drill_schema() -> dict:
+    """The JSON Schema of drill files (docs/drill.schema.json, for editors)."""
+    schema = Drill.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://drtool.dev/schema/drill-1.json"
+    schema["title"] = "drtool drill file"
+    return schema

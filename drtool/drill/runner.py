@@ -82,6 +82,7 @@ class DrillResult:
 
 
 def _pick_leg(cfg: Any, step: Step) -> tuple[Any, Any]:
+    assert step.restore is not None
     pol = cfg.policy(step.restore.policy)
     spec = step.restore
     if spec.leg:
@@ -100,6 +101,8 @@ def check_references(cfg: Any, drill: Drill) -> list[str]:
     """Every step names a policy and exactly one leg of it (problems, empty when fine)."""
     out = []
     for step in drill.steps:
+        if step.restore is None:
+            continue
         try:
             _pick_leg(cfg, step)
         except DrtoolError as exc:
@@ -131,19 +134,26 @@ class _Runner:
         work = self.scratch / step.name / "work"
         work.mkdir(parents=True)
         try:
-            pol, leg = _pick_leg(self.ctx.cfg, step)
-            r.policy, r.leg = pol.name, leg.leg_name
-            point = resolve_point(self.ctx, pol, leg, step.restore.point)
-            r.point, r.point_time = point.id, point.time.isoformat()
-            r.point_age_s = round((self.started - point.time).total_seconds(), 1)
-            res = restore_point(self.ctx, pol, leg, selector=point.id, target=str(target))
+            if step.restore is not None:
+                pol, leg = _pick_leg(self.ctx.cfg, step)
+                r.policy, r.leg = pol.name, leg.leg_name
+                point = resolve_point(self.ctx, pol, leg, step.restore.point)
+                r.point, r.point_time = point.id, point.time.isoformat()
+                r.point_age_s = round((self.started - point.time).total_seconds(), 1)
+                res = restore_point(self.ctx, pol, leg, selector=point.id, target=str(target))
+                if not res.ok:
+                    r.restore_s = self.elapsed()
+                    r.status, r.message = "failed", f"the restore of {point.id} did not prove out: {res.message}"
+                    return r
+                detail = res.detail
+            else:
+                pol = leg = point = None
+                target.mkdir(parents=True)
+                detail = {}
             r.restore_s = self.elapsed()
-            if not res.ok:
-                r.status, r.message = "failed", f"the restore of {point.id} did not prove out: {res.message}"
-                return r
             if self.cancel.is_set():
                 raise DrtoolError("stopped: the drill was cancelled")
-            sc = StepContext(self.ctx, pol, leg, point, target, res.detail, work)
+            sc = StepContext(self.ctx, pol, leg, point, target, detail, work)
             for check in step.checks:
                 if self.cancel.is_set():
                     raise DrtoolError("stopped: the drill was cancelled")
@@ -157,8 +167,8 @@ class _Runner:
                 r.status = "partial"
             else:
                 r.status = "passed"
-            r.message = "; ".join(f"{c.name}: {c.message}" for c in failed) or \
-                f"restored {point.id[:40]} ({format_duration_s(r.point_age_s)} old), {len(r.checks)} check(s) passed"
+            what = f"restored {point.id[:40]} ({format_duration_s(r.point_age_s)} old), " if point is not None else ""
+            r.message = "; ".join(f"{c.name}: {c.message}" for c in failed) or f"{what}{len(r.checks)} check(s) passed"
         except DrtoolError as exc:
             r.status, r.message = "failed", str(exc)
         finally:

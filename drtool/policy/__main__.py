@@ -1,4 +1,4 @@
-"""`python -m drtool.policy` regenerates docs/policy.schema.json and docs/policy-reference.md."""
+"""`python -m drtool.policy` regenerates docs/policy.schema.json, docs/policy-reference.md and docs/drill.schema.json."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,10 @@ def main(docs: str = "docs") -> None:
     d.mkdir(exist_ok=True)
     (d / "policy.schema.json").write_text(json.dumps(json_schema(), indent=2) + "\n")
     (d / "policy-reference.md").write_text(reference_markdown())
-    print(f"wrote {d / 'policy.schema.json'} and {d / 'policy-reference.md'}")
+    from ..drill.model import drill_schema
+
+    (d / "drill.schema.json").write_text(json.dumps(drill_schema(), indent=2) + "\n")
+    print(f"wrote {d / 'policy.schema.json'}, {d / 'policy-reference.md'} and {d / 'drill.schema.json'}")
 
 
 if __name__ == "__main__":

@@ -293,3 +293,22 @@ def test_two_breakglass_sections_are_one_too_many(tmp_path):
     with pytest.raises(PolicyError) as exc:
         load_config(d)
     assert any("already defined at" in str(i) and "a.yaml" in str(i) for i in exc.value.issues)
+
+
+def test_example_drills_load_and_resolve_against_the_lab_example():
+    """drills/*.yaml are the seed lab's drills: each validates, and every step names one
+    leg of a policy in examples/lab.yaml."""
+    from drtool.drill.load import drill_files, load_drill
+    from drtool.drill.runner import check_references
+
+    cfg = load_config(ROOT / "examples" / "lab.yaml")
+    files = drill_files(ROOT / "drills")
+    assert {f.name for f in files} >= {"talos-etcd.yaml", "vault.yaml", "app-data.yaml", "gpu-ai.yaml", "full-lab.yaml"}
+    for f in files:
+        assert check_references(cfg, load_drill(f)) == [], f
+
+
+def test_committed_drill_schema_is_generated_from_the_model():
+    from drtool.drill.model import drill_schema
+
+    assert json.loads((ROOT / "docs/drill.schema.json").read_text()) == drill_schema(), "docs/drill.schema.json is stale: run `make docs`"
