@@ -1,4 +1,5 @@
-"""Source manifests recorded at backup time, for ``sample`` verification.
+"""Source manifests recorded at backup time, for ``sample`` verification (and, with
+``verify.manifest: full``, a BLAKE3 of every file for full tree-compares).
 
 Before a backup, drtool picks a uniform random sample of regular files under the
 source paths (reservoir sampling: one pass, constant memory) and records each
@@ -9,9 +10,13 @@ from the point and compares hashes.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import blake3
@@ -113,3 +118,65 @@ def still_valid(entries: list[Entry]) -> list[Entry]:
         if st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
             keep.append(e)
     return keep
+
+
+BIG_FILE = 16 << 20  # above this, one file is hashed on every core (mmap), like b3sum
+
+
+def hash_file_fast(path: str, size: int | None = None) -> str:
+    """BLAKE3 of a file for verification: big files on every core via mmap (the mapping
+    is transient), small ones in 1 MiB chunks."""
+    if size is None:
+        size = os.stat(path).st_size
+    if size >= BIG_FILE:
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h.update_mmap(path)
+        return h.hexdigest()
+    return hash_file(path)
+
+
+def _entry(path: str) -> Entry | None:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        return Entry(path, st.st_size, st.st_mtime_ns, hash_file_fast(path, st.st_size))
+    except OSError:
+        return None
+
+
+def full(paths: list[str], workers: int | None = None) -> list[Entry]:
+    """Every regular file under ``paths`` with its BLAKE3 (files hashed in parallel)."""
+    files = [e if isinstance(e, str) else e.path for e in walk_files(paths)]
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 2), thread_name_prefix="manifest") as pool:
+        return [e for e in pool.map(_entry, files) if e is not None]
+
+
+def write_file(path: Path, entries: list[Entry]) -> None:
+    """A manifest as gzipped JSON lines (written to a temp name, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(e.to_dict(), separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
+def read_file(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def compare_tree(root: Path, entries: list[dict], workers: int | None = None) -> list[str]:
+    """Mismatches of the files under ``root`` (a restore target: entry paths re-rooted
+    there) against ``entries``; files hashed in parallel."""
+    def one(e: dict) -> str | None:
+        restored = root / e["path"].lstrip("/")
+        try:
+            st = restored.stat()
+        except OSError:
+            return f"{e['path']}: missing"
+        if st.st_size != e["size"]:
+            return f"{e['path']}: size {st.st_size}, {e['size']} at backup"
+        return None if hash_file_fast(str(restored), st.st_size) == e["blake3"] else f"{e['path']}: BLAKE3 differs"
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 2), thread_name_prefix="compare") as pool:
+        return [m for m in pool.map(one, entries) if m]

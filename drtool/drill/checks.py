@@ -87,19 +87,20 @@ def _tree_compare(spec: Any, sc: StepContext) -> Outcome:
     import random
 
     from .. import manifest
-    from ..legs.restic_backup import manifest_of
+    from ..legs.restic_backup import full_manifest_of, manifest_of
 
     entries = manifest_of(sc.ctx, sc.policy.name, sc.leg.leg_name, sc.point.id)
     if not entries:
         return False, f"no backup-time BLAKE3 manifest was recorded for {sc.point.id[:12]} (only restic backup legs record one)", {}
-    chosen = entries if spec.mode == "full" else random.Random().sample(entries, min(sc.leg.verify.sample_files, len(entries)))
-    bad = []
-    for e in chosen:
-        restored = sc.target / e["path"].lstrip("/")
-        if not restored.is_file():
-            bad.append(f"{e['path']}: missing")
-        elif manifest.hash_file(str(restored)) != e["blake3"]:
-            bad.append(f"{e['path']}: BLAKE3 differs")
+    if spec.mode == "full":
+        every = full_manifest_of(sc.ctx, sc.policy.name, sc.leg.leg_name, sc.point.id)
+        if every is None:
+            return False, (f"a full tree-compare needs every file's backup-time BLAKE3, and {sc.point.id[:12]} recorded a sample only: "
+                           "set 'verify: {manifest: full}' on the leg"), {}
+        chosen = every
+    else:
+        chosen = random.Random().sample(entries, min(sc.leg.verify.sample_files, len(entries)))
+    bad = manifest.compare_tree(sc.target, chosen)
     if bad:
         return False, f"{len(bad)} of {len(chosen)} files differ from the backup-time manifest: {'; '.join(bad[:5])}", {"mismatches": bad[:50]}
     return True, f"{len(chosen)} files ({spec.mode}) match their backup-time BLAKE3", {"files": len(chosen)}

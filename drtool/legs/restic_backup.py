@@ -66,11 +66,19 @@ class ResticBackupLeg(LegDriver):
             # a sample of files for the manifest (each re-checked unchanged after the backup).
             rec.start()
             sample = manifest.sample(paths, self.leg.verify.sample_files)
+            every = manifest.full(paths) if self.leg.verify.manifest == "full" else None
             out = backup.result()
         kept = manifest.still_valid(sample)
         warnings = list(out.warnings)
         if len(kept) < len(sample):
             warnings.append(f"{len(sample) - len(kept)} sampled file(s) changed during the backup and were left out of the manifest")
+        if every is not None:
+            whole = manifest.still_valid(every)
+            if len(whole) < len(every):
+                warnings.append(f"{len(every) - len(whole)} file(s) changed during the backup and were left out of the full manifest")
+            mfile = full_manifest_path(self.ctx, self.policy.name, self.leg.leg_name, out.point.id)
+            manifest.write_file(mfile, whole)
+            extra = {**extra, "manifest_file": str(mfile), "manifest_files": len(whole)}
         return LegOutcome(
             point=out.point,
             bytes_processed=out.bytes_processed,
@@ -87,6 +95,8 @@ class ResticBackupLeg(LegDriver):
 
     def delete(self, point_ids: list[str]) -> None:
         self.repo.forget(point_ids)
+        for pid in point_ids:  # their full manifests go with them
+            full_manifest_path(self.ctx, self.policy.name, self.leg.leg_name, pid).unlink(missing_ok=True)
 
     def commands(self) -> list[dict[str, Any]]:
         cmds = getattr(self.repo, "commands", [])
@@ -156,6 +166,8 @@ class ResticBackupLeg(LegDriver):
             return {"level": level, "ok": False,
                     "message": f"no backup of {self.policy.name}/{self.leg.leg_name} recorded a manifest in this catalog: run a backup with drtool first"}
         point, entries = found
+        if full:
+            entries = full_manifest_of(self.ctx, self.policy.name, self.leg.leg_name, point.id) or entries
         chosen = entries if full else random.Random().sample(entries, min(self.leg.verify.sample_files, len(entries)))
         mismatches: list[str] = []
         scratch = Path(tempfile.mkdtemp(prefix="drtool-verify-", dir=self.ctx.state_dir))
@@ -163,12 +175,7 @@ class ResticBackupLeg(LegDriver):
             if full:
                 with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: full restore of {point.id[:8]}"):
                     self.repo.restore(point.id, str(scratch), verify=True)
-                for e in chosen:
-                    restored = scratch / e["path"].lstrip("/")
-                    if not restored.is_file():
-                        mismatches.append(f"{e['path']}: missing from the restore")
-                    elif manifest.hash_file(str(restored)) != e["blake3"]:
-                        mismatches.append(f"{e['path']}: BLAKE3 differs from the backup-time hash")
+                mismatches.extend(manifest.compare_tree(scratch, chosen))
             else:
                 for e in chosen:
                     h = blake3.blake3()
@@ -188,6 +195,16 @@ class ResticBackupLeg(LegDriver):
         msg = (f"{level}: {len(chosen)} file(s) restored from {point.id[:8]} match their backup-time BLAKE3"
                if ok else f"{level}: {len(mismatches)} of {len(chosen)} file(s) from {point.id[:8]} do not match: " + "; ".join(mismatches[:5]))
         return {"level": level, "ok": ok, "message": msg, "point": point.id, "files": len(chosen), "mismatches": mismatches[:50]}
+
+
+def full_manifest_path(ctx: Any, policy: str, leg: str, point_id: str) -> Path:
+    return ctx.state_dir / "manifests" / policy / leg / f"{point_id}.jsonl.gz"
+
+
+def full_manifest_of(ctx: Any, policy: str, leg: str, point_id: str) -> list[dict[str, Any]] | None:
+    """The full backup-time manifest of one point, when one was recorded (verify.manifest: full)."""
+    path = full_manifest_path(ctx, policy, leg, point_id)
+    return manifest.read_file(path) if path.is_file() else None
 
 
 def _platform_doc(ctx: Any, policy: str, leg: str, point_id: str) -> dict[str, Any]:

@@ -331,6 +331,10 @@ class Verify(Strict):
     sample_files: int = Field(
         16, ge=1, le=10000, description="sample: how many files are hashed at backup time and restored and compared at verify time.", examples=[32]
     )
+    manifest: Literal["sample", "full"] = Field(
+        "sample", description="backup legs: at backup time hash a sample of the files (sample_files), or every file (full: a `full` "
+        "verify and a drill's full tree-compare then check every file; costs one more read of the source, beside restic).",
+        examples=["full"])
 
     @property
     def every_td(self) -> timedelta:

@@ -92,7 +92,7 @@ policies:
     source: {{location: nas, path: {data}}}
     rpo: 1d
     rto: 1h
-    legs: [{{kind: backup, to: repo, schedule: "0 3 * * *"}}]
+    legs: [{{kind: backup, to: repo, schedule: "0 3 * * *", verify: {{manifest: full}}}}]
 """)
     p = _drtool(env, cfg, "run", "--no-verify", "--json")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -151,7 +151,7 @@ def test_full_lab_drill_passes_with_evidence_and_leaves_nothing(lab):
     assert all(s["status"] == "passed" for s in steps.values()), steps
     assert "match the counts recorded at backup" in steps["etcd"]["checks"][0]["message"]
     assert "1/1 canaries read" in steps["vault"]["checks"][0]["message"]
-    assert "files (full) match their backup-time BLAKE3" in steps["app"]["checks"][0]["message"]
+    assert "20 files (full) match their backup-time BLAKE3" in steps["app"]["checks"][0]["message"]
     assert steps["app"]["start_s"] >= steps["vault"]["end_s"]  # needs: respected
     assert 0 < out["rto_s"] < 600 and 0 <= out["rpo_s"] < 3600
     html = Path(out["evidence"]["html"]).read_text()
