@@ -118,6 +118,8 @@ class _Runner:
         self.scratch: Path | None = None
         self.results = {s.name: StepResult(name=s.name) for s in drill.steps}
         self.cancel = threading.Event()
+        self.datasets: list[tuple[Any, str]] = []  # (zfs cli, scratch dataset) to destroy at teardown
+        self._lock = threading.Lock()
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.t0, 3)
@@ -140,7 +142,10 @@ class _Runner:
                 point = resolve_point(self.ctx, pol, leg, step.restore.point)
                 r.point, r.point_time = point.id, point.time.isoformat()
                 r.point_age_s = round((self.started - point.time).total_seconds(), 1)
-                res = restore_point(self.ctx, pol, leg, selector=point.id, target=str(target))
+                dataset = self._scratch_dataset(pol, leg)
+                res = restore_point(self.ctx, pol, leg, selector=point.id, target=dataset or str(target))
+                if dataset:  # checks run in the clone's (or received dataset's) mountpoint
+                    target = Path(res.detail.get("mountpoint") or self._zfs_cli(pol).get_property(dataset, "mountpoint") or target)
                 if not res.ok:
                     r.restore_s = self.elapsed()
                     r.status, r.message = "failed", f"the restore of {point.id} did not prove out: {res.message}"
@@ -174,6 +179,25 @@ class _Runner:
         finally:
             r.end_s = self.elapsed()
         return r
+
+    def _zfs_cli(self, pol: Any) -> Any:
+        from ..backends.zfs import ZfsCli
+
+        loc = self.ctx.cfg.location(pol.source.location)
+        return ZfsCli(ssh=loc.ssh, ssh_options=loc.ssh_options, features_cache=self.ctx.state_dir / "zfs-features.json")
+
+    def _scratch_dataset(self, pol: Any, leg: Any) -> str | None:
+        """ZFS points restore into a new dataset beside the source (a clone, or a receive),
+        registered for teardown before it exists."""
+        import secrets
+
+        loc = self.ctx.cfg.location(pol.source.location)
+        if getattr(loc, "type", "") != "zfs" or leg.kind not in ("snapshot", "replicate", "upload"):
+            return None
+        name = f"{loc.dataset}/drtool-drill-{secrets.token_hex(4)}"
+        with self._lock:
+            self.datasets.append((self._zfs_cli(pol), name))
+        return name
 
     # -- the DAG ---------------------------------------------------------------------
 
@@ -256,6 +280,17 @@ class _Runner:
         """Kill whatever is left, remove the scratch dir, and report what could not be removed."""
         killed = ex.terminate_all()
         leftovers = []
+        for cli, name in self.datasets:
+            try:
+                if cli.dataset_exists(name):
+                    cli.destroy_dataset(name, recursive=True)
+            except DrtoolError as exc:
+                log.error("teardown: cannot destroy %s: %s", name, exc)
+            try:
+                if cli.dataset_exists(name):
+                    leftovers.append(name)
+            except DrtoolError:
+                leftovers.append(name)
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
             if self.scratch.exists():
