@@ -134,7 +134,15 @@ class TranscodeCheck(Strict):
     codec: Literal["h264", "hevc", "av1"] = Field("h264", description="The output codec.")
 
 
-CHECK_KINDS = ("etcd", "vault", "tree-compare", "http", "command", "gpu-compute", "gpu-inference", "transcode")
+class K8sReadyCheck(Strict):
+    """kubernetes scratch: the workloads restored into the scratch namespace become ready."""
+
+    kinds: list[Literal["Deployment", "StatefulSet", "DaemonSet", "Job", "PersistentVolumeClaim"]] = Field(
+        default_factory=lambda: ["Deployment", "StatefulSet"], description="Which kinds must all be ready (PVCs: Bound; Jobs: Complete).")
+    timeout: Duration = Field("15m", description="How long to wait for readiness.")
+
+
+CHECK_KINDS = ("etcd", "vault", "tree-compare", "http", "command", "gpu-compute", "gpu-inference", "transcode", "k8s-ready")
 
 
 class Check(Strict):
@@ -148,6 +156,7 @@ class Check(Strict):
     gpu_compute: GpuComputeCheck | None = Field(None, alias="gpu-compute")
     gpu_inference: GpuInferenceCheck | None = Field(None, alias="gpu-inference")
     transcode: TranscodeCheck | None = None
+    k8s_ready: K8sReadyCheck | None = Field(None, alias="k8s-ready")
     name: str | None = Field(None, description="A label for reports. Default: the kind.")
     required: bool = Field(True, description="A failed required check fails the drill; an optional one makes it partial (exit 3).")
 
@@ -171,18 +180,50 @@ class Check(Strict):
         return self.name or self.kind
 
 
+class VeleroRestoreSpec(Strict):
+    """kubernetes scratch: restore a Velero backup's namespace(s) into the drill's scratch namespace
+    (a Velero Restore with namespaceMapping)."""
+
+    backup: str | None = Field(None, description="The Velero Backup's name.", examples=["immich-daily-20261127020000"])
+    schedule: str | None = Field(None, description="Or: the newest completed backup of this Velero Schedule.", examples=["immich-daily"])
+    namespaces: list[str] = Field(min_length=1, description="The backed-up namespace(s) to restore; each is mapped into the scratch "
+                                  "namespace (several: into one scratch namespace each).", examples=[["immich"]])
+    restore_pvs: bool = Field(True, description="Restore persistent volumes (data), not only the objects.")
+    timeout: Duration = Field("2h", description="How long the Restore may take to complete.")
+
+    @model_validator(mode="after")
+    def _which(self) -> "VeleroRestoreSpec":
+        if (self.backup is None) == (self.schedule is None):
+            raise ValueError("give exactly one of 'backup' (a name) or 'schedule' (its newest completed backup)")
+        return self
+
+
+class KubernetesScratch(Strict):
+    """Where a kubernetes scratch lives: a throw-away namespace per drill, labelled, with a TTL."""
+
+    kubeconfig: str | None = Field(None, description="Kubeconfig path (default: in-cluster config, then ~/.kube/config).")
+    context: str | None = Field(None, description="The kubeconfig context to use.")
+    namespace_prefix: Name = Field("drtool-drill", description="Scratch namespaces are named <prefix>-<drill>-<random>.")
+    ttl: Duration = Field("6h", description="Written on the namespace as drtool.dev/expires-at, so a janitor can remove one that "
+                          "survived a crashed drill.")
+    velero_namespace: str = Field("velero", description="Where Velero runs (Restore objects are created there).")
+
+
 class Step(Strict):
     """One restore into the scratch environment, then its checks."""
 
     name: Name = Field(description="Step name, unique in the drill.", examples=["vault"])
     needs: list[Name] = Field(default_factory=list, description="Steps that must succeed first (a DAG).", examples=[["etcd"]])
     restore: RestoreSpec | None = Field(None, description="What to restore. None: a step of checks only (e.g. GPU checks on the drill host).")
+    velero: VeleroRestoreSpec | None = Field(None, description="kubernetes scratch: restore a Velero backup into the scratch namespace.")
     checks: list[Check] = Field(default_factory=list, description="Checks on what came back.")
 
     @model_validator(mode="after")
     def _something(self) -> "Step":
-        if self.restore is None and not self.checks:
+        if self.restore is None and self.velero is None and not self.checks:
             raise ValueError(f"step {self.name!r} restores nothing and checks nothing: add 'restore' or 'checks'")
+        if self.restore is not None and self.velero is not None:
+            raise ValueError(f"step {self.name!r}: give 'restore' (a drtool policy) or 'velero' (a Velero backup), not both")
         return self
     timeout: Duration = Field("1h", description="The step is stopped (and failed) after this long.")
 
@@ -193,11 +234,22 @@ class Drill(Strict):
     version: Literal[1] = Field(1, description="Drill file format version.")
     name: Name = Field(description="Drill name.", examples=["vault"])
     description: str | None = Field(None, description="Free text for reports.")
-    scratch: Literal["local"] = Field("local", description="Where restores go. local: processes and directories on this host, removed "
-                                      "afterwards. (kubernetes: not built yet.)")
+    scratch: Literal["local", "kubernetes"] = Field("local", description="Where restores go. local: processes, directories and datasets "
+                                                    "on this host, removed afterwards; kubernetes: a throw-away namespace, deleted afterwards.")
+    kubernetes: KubernetesScratch | None = Field(None, description="kubernetes scratch: the cluster and namespace settings.")
     targets: Targets = Field(description="RTO and RPO to prove.")
     timeout: Duration = Field("4h", description="The whole drill is stopped, torn down and failed after this long.")
     steps: list[Step] = Field(min_length=1, description="The restores and their checks.")
+
+    @model_validator(mode="after")
+    def _scratch(self) -> "Drill":
+        velero = [s.name for s in self.steps if s.velero is not None]
+        if velero and self.scratch != "kubernetes":
+            raise ValueError(f"step(s) {', '.join(velero)} restore with Velero: set 'scratch: kubernetes'")
+        ready = [s.name for s in self.steps for c in s.checks if c.kind == "k8s-ready"]
+        if ready and self.scratch != "kubernetes":
+            raise ValueError(f"k8s-ready checks (step(s) {', '.join(ready)}) need 'scratch: kubernetes'")
+        return self
 
     @model_validator(mode="after")
     def _dag(self) -> "Drill":

@@ -333,6 +333,8 @@ def format_duration_s(seconds: float | None) -> str:
 
 
 def run_drill(ctx: Any, drill: Drill, file: str) -> DrillResult:
+    if drill.scratch == "kubernetes":
+        raise ConfigError(f"{file}: the kubernetes scratch is not built into this drtool version yet: use 'scratch: local'")
     problems = check_references(ctx.cfg, drill)
     if problems:
         raise ConfigError(f"{file}: " + "; ".join(problems))
