@@ -9,24 +9,21 @@ the subset zfs-fuse 0.7 (pool v23) has (``zfs get -H -p``, user properties, hold
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import re
-import select
 import shlex
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from .. import exec as ex
+from .. import pipes
 from ..errors import BackendError
 from .base import ProgressFn
 
@@ -543,13 +540,13 @@ class ZfsCli:
                 f"incremental receive needs the target {target_dataset}, which does not exist; send a full stream first")
         sargs = send_args(source_snapshot, base=base, incremental_all=incremental_all, features=self.features(), raw=raw, token=token)
         rargs = receive_args(target_dataset, force=force, features=target.features())
-        (from_send, send_out), (recv_in, to_recv) = _pipe(), _pipe()
+        (from_send, send_out), (recv_in, to_recv) = pipes.pipe(), pipes.pipe()
         box: dict[str, Any] = {}
         start = time.monotonic()
-        sender = _side(box, "send", send_out, lambda: self._run(self.zfs_bin, *sargs, stdout=send_out, timeout=timeout))
-        receiver = _side(box, "receive", recv_in, lambda: target._run(target.zfs_bin, *rargs, stdin=recv_in, timeout=timeout))
+        sender = pipes.side(box, "send", send_out, name="zfs", fn=lambda: self._run(self.zfs_bin, *sargs, stdout=send_out, timeout=timeout))
+        receiver = pipes.side(box, "receive", recv_in, name="zfs", fn=lambda: target._run(target.zfs_bin, *rargs, stdin=recv_in, timeout=timeout))
         try:
-            sent, broken = _copy(from_send, to_recv, sender, progress, start)
+            sent, broken = pipes.relay(from_send, to_recv, sender, progress, start)
         finally:
             os.close(from_send)
             os.close(to_recv)
@@ -564,70 +561,13 @@ class ZfsCli:
         if not send_res.ok:
             raise _err(send_res, f"zfs send {source_snapshot} failed")
         if progress:
-            _report(progress, sent, time.monotonic() - start)
+            pipes.report(progress, sent, time.monotonic() - start)
         return StreamResult(sent, time.monotonic() - start, [send_res.log_entry(), recv_res.log_entry()])
 
 
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    if hasattr(fcntl, "F_SETPIPE_SZ"):  # 1 MiB buffers: fewer wake-ups per MB
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-    return r, w
 
 
-def _side(box: dict[str, Any], key: str, fd: int, fn: Callable[[], ex.CommandResult]) -> threading.Thread:
-    """Run one side of a pipeline in a thread; our copy of its pipe end closes when it ends."""
-    def run() -> None:
-        try:
-            box[key] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
-            box[key] = e
-        finally:
-            os.close(fd)
 
-    thread = threading.Thread(target=run, name=f"zfs-{key}", daemon=True)
-    thread.start()
-    return thread
-
-
-def _copy(src: int, dst: int, producer: threading.Thread, progress: ProgressFn | None, start: float) -> tuple[int, bool]:
-    """Copy until EOF -> (bytes, False), or until the reader of ``dst`` is gone -> (bytes, True).
-    Also stops once the producer's command has ended while the pipe stays open (a daemon,
-    such as zfs-fuse's, may hold the write end)."""
-    sent, last = 0, start
-    while True:
-        if not select.select([src], [], [], 1.0)[0]:
-            if not producer.is_alive():
-                return sent, False
-            continue
-        try:
-            n = _move(src, dst)
-        except BrokenPipeError:
-            return sent, True
-        if not n:
-            return sent, False
-        sent += n
-        if progress and (now := time.monotonic()) - last >= 0.5:
-            last = now
-            _report(progress, sent, now - start)
-
-
-def _move(src: int, dst: int) -> int:
-    """Move up to 1 MiB from pipe to pipe: in the kernel (splice(2)) where Python has it."""
-    if hasattr(os, "splice"):
-        return os.splice(src, dst, 1 << 20)
-    view = memoryview(chunk := os.read(src, 1 << 20))
-    while view:
-        view = view[os.write(dst, view):]
-    return len(chunk)
-
-
-def _report(progress: ProgressFn, sent: int, elapsed: float) -> None:
-    try:
-        progress({"bytes": sent, "elapsed_s": elapsed, "bytes_per_s": sent / elapsed if elapsed > 0 else 0.0})
-    except Exception:  # a progress callback must never break a replication
-        pass
 
 
 def _receive_error(res: ex.CommandResult, target: str) -> ZfsError:

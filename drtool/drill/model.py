@@ -94,7 +94,8 @@ class GpuComputeCheck(Strict):
     CPU and is labelled so: never a GPU pass."""
 
     device: Literal["auto", "cuda", "rocm", "xpu", "cpu"] = Field("auto", description="Which device to use (auto: the first GPU found).")
-    size: int = Field(2048, ge=64, le=32768, description="Matrix size n (n×n @ n×n).")
+    size: int = Field(2048, ge=64, le=16384, description="Matrix size n (n×n @ n×n). Without a GPU the CPU fallback runs at most "
+                      "2048 in float32 (a GPU-sized half-precision matmul takes minutes on a CPU), and says so.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Element type.")
     min_tflops: float | None = Field(None, gt=0, description="The device's floor: slower fails the check.", examples=[20])
     tolerance: float = Field(1e-2, gt=0, description="Largest allowed relative error against the CPU reference.")
@@ -113,6 +114,23 @@ class GpuInferenceCheck(Strict):
     min_similarity: float = Field(0.99, ge=-1, le=1, description="embeddings: the lowest cosine similarity to the golden vector.")
     latency_ms: int | None = Field(None, ge=1, description="The latency budget in milliseconds.")
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"url {v!r} is not an http(s) URL")
+        return v.rstrip("/")
+
+    @field_validator("expect_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"expect_regex is not a valid regular expression: {exc}") from None
+        return v
+
     @model_validator(mode="after")
     def _mode(self) -> "GpuInferenceCheck":
         chat, emb = self.prompt is not None, self.embedding_input is not None
@@ -129,8 +147,9 @@ class TranscodeCheck(Strict):
 
     hwaccel: Literal["vaapi", "qsv", "none"] = Field("vaapi", description="The acceleration to use (none: software, labelled so).")
     device: str = Field("/dev/dri/renderD128", description="The render node (vaapi/qsv).")
-    input: str | None = Field(None, description="A sample file (default: a generated 5 s 720p test pattern).")
-    seconds: float = Field(5, gt=0, le=600, description="How much to transcode.")
+    input: str | None = Field(None, description="A sample file; a relative path is inside the step's restore (default: a generated "
+                              "720p test pattern).")
+    seconds: float = Field(5, gt=0, le=600, description="How much to transcode (a file shorter than this fails).")
     codec: Literal["h264", "hevc", "av1"] = Field("h264", description="The output codec.")
 
 

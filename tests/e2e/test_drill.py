@@ -280,3 +280,26 @@ def _sleeping_child(pid: int) -> bool:
         if cmd.startswith(b"sleep\x0060") and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
             return True
     return False
+
+
+def test_a_missing_gpu_fails_a_required_gpu_check(lab):
+    """No GPU exists here: gpu-compute runs its CPU fallback for real (torch CPU build), and the
+    drill fails because the check is required; a software transcode beside it passes, labelled."""
+    body = """\
+targets: {rto: 10m, rpo: 1h}
+steps:
+  - name: gpu
+    checks:
+      - gpu-compute: {size: 256}
+        name: radeon
+      - transcode: {hwaccel: none, seconds: 1}
+        name: software-transcode
+"""
+    code, out = _run(lab, _drill(lab, "gpu", body))
+    assert code == 1 and out["verdict"] == "fail", out
+    checks = {c["name"]: c for c in out["steps"][0]["checks"]}
+    assert not checks["radeon"]["ok"] and "no GPU: ran on the CPU fallback" in checks["radeon"]["message"]
+    assert "not a GPU pass" in checks["radeon"]["message"]
+    assert checks["software-transcode"]["ok"] and "software" in checks["software-transcode"]["message"]
+    assert any("step gpu failed" in r for r in out["reasons"]), out
+    _assert_clean(lab)
