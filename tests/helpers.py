@@ -128,3 +128,19 @@ class ZfsLab:
     def snaps(self, dataset: str) -> list[str]:
         out = zfs_cmd("list", "-H", "-t", "snapshot", "-o", "name", "-r", dataset)
         return [ln for ln in out.splitlines() if ln.startswith(dataset + "@")]
+
+
+def rbd_diff_stream(size: int, writes: dict[int, bytes], *, from_snap: str | None = None, to_snap: str | None = None) -> bytes:
+    """An ``rbd diff v1`` stream (the documented format: ``s`` size, ``w`` offset/length/data,
+    ``e``) writing ``writes`` ({offset: data}) into an image of ``size``: fed to ``rbd
+    import-diff``, it writes an image's content without a kernel ``rbd map``."""
+    import struct
+
+    out = bytearray(b"rbd diff v1\n")
+    for tag, name in ((b"f", from_snap), (b"t", to_snap)):
+        if name:
+            out += tag + struct.pack("<I", len(name)) + name.encode()
+    out += b"s" + struct.pack("<Q", size)
+    for off in sorted(writes):
+        out += b"w" + struct.pack("<QQ", off, len(writes[off])) + writes[off]
+    return bytes(out + b"e")

@@ -7,6 +7,7 @@ from ..errors import ConfigError
 from ..policy.models import Leg, Policy
 from .base import LegDriver, LegOutcome
 from .parity import SnapraidParityLeg
+from .rbd_legs import RbdReplicateLeg, RbdSnapshotLeg
 from .restic_backup import ResticBackupLeg
 from .upload import UploadLeg
 from .zfs_legs import ZfsReplicateLeg, ZfsSnapshotLeg
@@ -21,6 +22,8 @@ DRIVERS: dict[tuple[str, str], type[LegDriver]] = {
     ("parity", "snapraid"): SnapraidParityLeg,
     ("upload", "gcs"): UploadLeg,
     ("upload", "s3"): UploadLeg,
+    ("snapshot", "ceph-rbd"): RbdSnapshotLeg,
+    ("replicate", "ceph-rbd"): RbdReplicateLeg,
 }
 
 

@@ -209,6 +209,8 @@ def _source_issue(stype: str | None, loc: Any, source: Any) -> tuple[str, str] |
             return ".dataset", "a zfs source needs 'dataset': the dataset to protect, e.g. tank/documents"
         if isinstance(root, str) and not (ds == root or str(ds).startswith(root + "/")):
             return ".dataset", f"dataset {ds!r} is not under the location's dataset {root!r}"
+    if stype == "ceph-rbd" and not source.get("image"):
+        return ".image", "a ceph-rbd source needs 'image': the RBD image to protect, e.g. csi-vol-3f2a"
     if stype in ("vault", "talos"):
         extra = [k for k in ("path", "dataset") if source.get(k) is not None]
         if extra:

@@ -187,6 +187,26 @@ class S3Location(ObjectLocationBase):
         return self
 
 
+class CephRbdLocation(LocationBase):
+    """A Ceph RBD pool: where a source image lives (snapshot legs), or where replicas are imported (replicate legs)."""
+
+    type: Literal["ceph-rbd"] = Field(description="Location type.")
+    pool: str = Field(description="The RBD pool.", examples=["kube"], min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    conf: str = Field("/etc/ceph/ceph.conf", description="The cluster's ceph.conf (absolute path).", examples=["/etc/ceph/ceph.conf"])
+    keyring: str | None = Field(None, description="The client's keyring file (absolute path, readable only by drtool's user). "
+                                "Default: what ceph.conf says.", examples=["/etc/ceph/ceph.client.drtool.keyring"])
+    client_id: str = Field("admin", description="The cephx client id (rbd --id).", examples=["drtool"])
+
+    sample_name: ClassVar[str] = "ceph-rbd"
+
+    @field_validator("conf", "keyring")
+    @classmethod
+    def _abs(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is a relative path: write an absolute path")
+        return v
+
+
 class AppRole(Strict):
     """Vault AppRole credentials, both as secret references."""
 
@@ -290,10 +310,10 @@ class TalosLocation(LocationBase):
 
 
 Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation, S3Location,
-                           VaultLocation, TalosLocation],
+                           VaultLocation, TalosLocation, CephRbdLocation],
                      Field(discriminator="type")]
 LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation,
-                                                  S3Location, VaultLocation, TalosLocation)
+                                                  S3Location, VaultLocation, TalosLocation, CephRbdLocation)
 
 
 # --------------------------------------------------------------------------- legs
@@ -398,7 +418,7 @@ class Leg(Strict):
     exclude: list[str] = Field(default_factory=list, description="backup: restic exclude patterns.", examples=[["*.tmp", ".cache"]])
     dataset: str | None = Field(
         None,
-        description="replicate: the replica dataset. Default: the target location's dataset plus the source dataset's last component.",
+        description="replicate: the replica dataset (zfs; default: the target location's dataset plus the source dataset's last component) or image (ceph-rbd; default: the source image's name).",
         examples=["backup/documents"],
     )
 
@@ -448,6 +468,8 @@ class Source(Strict):
         examples=["/srv/data/documents"],
     )
     dataset: str | None = Field(None, description="The ZFS dataset to protect (zfs sources).", examples=["tank/documents"])
+    image: str | None = Field(None, description="The RBD image to protect (ceph-rbd sources).", examples=["csi-vol-3f2a"],
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     recursive: bool = Field(False, description="zfs sources: snapshot and replicate the dataset's children too.")
     canaries: list[str] = Field(
         default_factory=list,

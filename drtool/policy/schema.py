@@ -112,6 +112,13 @@ _SAMPLE_VALUES: dict[tuple[str, str], Any] = {
     ("TalosLocation", "machine_configs"): None,
     ("TalosLocation", "secrets_bundle"): None,
     ("Source", "canaries"): None,  # vault sources only
+    ("Source", "image"): None,  # ceph-rbd sources only
+    ("CephRbdLocation", "media"): "nvme",
+    ("CephRbdLocation", "site"): "home",
+    ("CephRbdLocation", "failure_domain"): "ceph-lab",
+    ("CephRbdLocation", "immutable"): None,
+    ("CephRbdLocation", "offline"): None,
+    ("CephRbdLocation", "keyring"): None,
 }
 
 

@@ -22,12 +22,13 @@ import io
 import json
 import os
 import random
-import struct
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+
+from helpers import rbd_diff_stream as diff_stream
 
 from drtool.backends.ceph_rbd import (
     CephConn, RbdCli, RbdDiverged, RbdMissingBase, RbdNotFound, RbdSnapshotProtected, error_text, parse_snaps,
@@ -42,18 +43,6 @@ SIZE = 16 * MiB
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def diff_stream(size: int, writes: dict[int, bytes], *, from_snap: str | None = None, to_snap: str | None = None) -> bytes:
-    """An ``rbd diff v1`` stream writing ``writes`` ({offset: data}) into an image of ``size``."""
-    out = bytearray(b"rbd diff v1\n")
-    for tag, name in ((b"f", from_snap), (b"t", to_snap)):
-        if name:
-            out += tag + struct.pack("<I", len(name)) + name.encode()
-    out += b"s" + struct.pack("<Q", size)
-    for off in sorted(writes):
-        out += b"w" + struct.pack("<QQ", off, len(writes[off])) + writes[off]
-    return bytes(out + b"e")
 
 
 class Image:
