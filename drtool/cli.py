@@ -464,7 +464,10 @@ def drill_run(st: State, file: str, dry_run: bool) -> None:
         plan = []
         for step in d.steps:
             if step.restore is None:
-                plan.append({"step": step.name, "needs": step.needs, "policy": None, "leg": None, "point": "nothing to restore",
+                v = step.velero
+                what = (f"Velero backup {v.backup or 'newest completed of schedule ' + str(v.schedule)} of {', '.join(v.namespaces)} "
+                        "into scratch namespaces") if v else "nothing to restore"
+                plan.append({"step": step.name, "needs": step.needs, "policy": "velero" if v else None, "leg": None, "point": what,
                              "checks": [c.label for c in step.checks]})
                 continue
             pol, leg = _pick_leg(ctx.cfg, step)
@@ -479,7 +482,7 @@ def drill_run(st: State, file: str, dry_run: bool) -> None:
             _emit_json({"drill": d.name, "dry_run": True, "steps": plan})
         else:
             for p in plan:
-                what = f"restore {p['policy']}/{p['leg']} {p['point']}" if p["policy"] else "no restore"
+                what = p["point"] if p["policy"] == "velero" else f"restore {p['policy']}/{p['leg']} {p['point']}" if p["policy"] else "no restore"
                 _line("planned", f"{d.name}/{p['step']}", f"{what}; checks: {', '.join(p['checks']) or 'none'}")
         raise Exit(ExitCode.OK)
     res = run_drill(ctx, d, file)

@@ -26,6 +26,9 @@ class StepContext:
     def __init__(self, ctx: Any, policy: Any, leg: Any, point: Any, target: Path, restore_detail: dict[str, Any], work: Path) -> None:
         self.ctx, self.policy, self.leg, self.point = ctx, policy, leg, point
         self.target, self.restore_detail, self.work = target, restore_detail, work
+        self.kube: Any = None  # the kubernetes scratch, and the namespaces this step restored into
+        self.namespaces: list[str] = []
+        self.cancel: Any = None
 
     def artifact(self) -> Path:
         """The one file a platform restore produced (an etcd or raft snapshot)."""
@@ -49,7 +52,8 @@ class StepContext:
 
 def run_check(check: Check, sc: StepContext) -> Outcome:
     fn = {"etcd": _etcd, "vault": _vault, "tree-compare": _tree_compare, "http": _http, "command": _command,
-          "gpu-compute": _gpu("gpu_compute"), "gpu-inference": _gpu("gpu_inference"), "transcode": _gpu("transcode")}[check.kind]
+          "gpu-compute": _gpu("gpu_compute"), "gpu-inference": _gpu("gpu_inference"), "transcode": _gpu("transcode"),
+          "k8s-ready": _k8s_ready}[check.kind]
     if sc.point is None and check.kind in NEEDS_RESTORE:
         return False, f"a {check.kind} check inspects restored data: give the step a 'restore'", {}
     try:
@@ -67,6 +71,12 @@ def _gpu(name: str) -> Any:
 
         return getattr(gpu, name)(spec, sc)
     return call
+
+
+def _k8s_ready(spec: Any, sc: StepContext) -> Outcome:
+    if sc.kube is None or not sc.namespaces:
+        return False, "a k8s-ready check needs a step that restored with 'velero' (the namespaces to watch)", {}
+    return sc.kube.ready(spec, sc.namespaces, cancel=sc.cancel)
 
 
 def _etcd(spec: Any, sc: StepContext) -> Outcome:

@@ -119,6 +119,7 @@ class _Runner:
         self.results = {s.name: StepResult(name=s.name) for s in drill.steps}
         self.cancel = threading.Event()
         self.datasets: list[tuple[Any, str]] = []  # (zfs cli, scratch dataset) to destroy at teardown
+        self.kube: Any = None  # the kubernetes scratch (drill.scratch == "kubernetes")
         self._lock = threading.Lock()
 
     def elapsed(self) -> float:
@@ -135,8 +136,26 @@ class _Runner:
         target = self.scratch / step.name / "restore"
         work = self.scratch / step.name / "work"
         work.mkdir(parents=True)
+        namespaces: list[str] = []
         try:
-            if step.restore is not None:
+            if step.velero is not None:
+                res_v = self.kube.velero_restore(step.velero, step.name, cancel=self.cancel)
+                r.policy, r.leg = "velero", res_v.get("backup") or ""
+                r.point, r.point_time = f"velero:{res_v.get('backup')}", res_v.get("backup_time")
+                if r.point_time:
+                    from datetime import datetime
+
+                    r.point_age_s = round((self.started - datetime.fromisoformat(r.point_time)).total_seconds(), 1)
+                namespaces = list(res_v.get("namespaces", {}).values())
+                if not res_v.get("ok"):
+                    r.restore_s = self.elapsed()
+                    r.status, r.message = "failed", f"the Velero restore of {res_v.get('backup')} did not complete: {res_v.get('message', res_v.get('phase'))}"
+                    return r
+                pol = leg = None
+                point = None
+                target.mkdir(parents=True)
+                detail = {"velero": res_v}
+            elif step.restore is not None:
                 pol, leg = _pick_leg(self.ctx.cfg, step)
                 r.policy, r.leg = pol.name, leg.leg_name
                 point = resolve_point(self.ctx, pol, leg, step.restore.point)
@@ -159,6 +178,7 @@ class _Runner:
             if self.cancel.is_set():
                 raise DrtoolError("stopped: the drill was cancelled")
             sc = StepContext(self.ctx, pol, leg, point, target, detail, work)
+            sc.kube, sc.namespaces, sc.cancel = self.kube, namespaces, self.cancel
             for check in step.checks:
                 if self.cancel.is_set():
                     raise DrtoolError("stopped: the drill was cancelled")
@@ -172,7 +192,7 @@ class _Runner:
                 r.status = "partial"
             else:
                 r.status = "passed"
-            what = f"restored {point.id[:40]} ({format_duration_s(r.point_age_s)} old), " if point is not None else ""
+            what = f"restored {(r.point or '')[:48]} ({format_duration_s(r.point_age_s)} old), " if r.point else ""
             r.message = "; ".join(f"{c.name}: {c.message}" for c in failed) or f"{what}{len(r.checks)} check(s) passed"
         except DrtoolError as exc:
             r.status, r.message = "failed", str(exc)
@@ -209,6 +229,15 @@ class _Runner:
         base = self.ctx.state_dir / "drill-scratch"
         base.mkdir(parents=True, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"{drill.name}-", dir=base))
+        if drill.scratch == "kubernetes":
+            from .k8s import KubeScratch
+            from .model import KubernetesScratch
+
+            try:
+                self.kube = KubeScratch(drill.kubernetes or KubernetesScratch(), drill.name, now=self.started)
+            except BaseException:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+                raise
         self.t0 = time.monotonic()
         deadline = self.t0 + drill.timeout_td.total_seconds()
         step_limit = {s.name: parse_duration(s.timeout).total_seconds() for s in drill.steps}
@@ -280,6 +309,10 @@ class _Runner:
         """Kill whatever is left, remove the scratch dir, and report what could not be removed."""
         killed = ex.terminate_all()
         leftovers = []
+        kube = None
+        if self.kube is not None:
+            kube = self.kube.teardown()
+            leftovers.extend(f"namespace {n}" for n in kube.get("leftovers", []))
         for cli, name in self.datasets:
             try:
                 if cli.dataset_exists(name):
@@ -295,7 +328,10 @@ class _Runner:
             shutil.rmtree(self.scratch, ignore_errors=True)
             if self.scratch.exists():
                 leftovers.append(str(self.scratch))
-        return {"ok": not leftovers, "processes_killed": killed, "leftovers": leftovers, "scratch": str(self.scratch)}
+        out = {"ok": not leftovers, "processes_killed": killed, "leftovers": leftovers, "scratch": str(self.scratch)}
+        if kube is not None:
+            out["kubernetes"] = kube
+        return out
 
     def _verdict(self, out: DrillResult) -> None:
         steps = out.steps
@@ -333,8 +369,6 @@ def format_duration_s(seconds: float | None) -> str:
 
 
 def run_drill(ctx: Any, drill: Drill, file: str) -> DrillResult:
-    if drill.scratch == "kubernetes":
-        raise ConfigError(f"{file}: the kubernetes scratch is not built into this drtool version yet: use 'scratch: local'")
     problems = check_references(ctx.cfg, drill)
     if problems:
         raise ConfigError(f"{file}: " + "; ".join(problems))

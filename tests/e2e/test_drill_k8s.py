@@ -1,0 +1,97 @@
+"""A drill with the kubernetes scratch, through the drtool CLI, against the recorded-API
+STUB of tests/services/kubestub.py (no kube-apiserver or Velero runs here; the objects
+drtool creates are checked against the official schemas in
+tests/integration/test_k8s_scratch.py). Proves the runner's wiring: a Velero restore per
+step into its own scratch namespace, k8s-ready on those namespaces, the backup's age as
+the RPO, and the namespaces deleted at teardown, pass or fail."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import missing
+from helpers import DRTOOL
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def stub():
+    try:
+        import kubernetes  # noqa: F401
+    except ImportError as exc:
+        missing("kubernetes", str(exc))
+    from services.kubestub import ApiStub
+
+    s = ApiStub().start()
+    yield s
+    s.stop()
+
+
+def _setup(tmp_path: Path, stub, *, ready: bool) -> tuple[Path, Path]:
+    from datetime import datetime, timedelta, timezone
+
+    from services.kubestub import backup, deployment, statefulset
+
+    done = (datetime.now(timezone.utc) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stub.backups["immich-daily-1"] = backup("immich-daily-1", "Completed", done)
+    stub.workloads[("*", "deployments")] = [[deployment("server", 0)], [deployment("server", 1 if ready else 0)]]
+    stub.workloads[("*", "statefulsets")] = [[statefulset("db", 1)]]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "stub", "cluster": {"server": stub.url}}],
+        "users": [{"name": "drill", "user": {"token": "stub-token"}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "stub", "user": "drill"}}]}))
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("version: 1\n")
+    drill = tmp_path / "immich.yaml"
+    drill.write_text(f"""\
+version: 1
+name: immich-k8s
+scratch: kubernetes
+kubernetes: {{kubeconfig: {kubeconfig}, ttl: 2h}}
+targets: {{rto: 10m, rpo: 1d}}
+steps:
+  - name: immich
+    velero: {{schedule: immich-daily, namespaces: [immich], timeout: 2m}}
+    checks:
+      - k8s-ready: {{timeout: 8s}}
+""")
+    return cfg, drill
+
+
+def _run(cfg: Path, drill: Path) -> tuple[int, dict]:
+    p = subprocess.run([DRTOOL, "-c", str(cfg), "drill", "run", str(drill), "--json"], capture_output=True, text=True,
+                       timeout=240, env=dict(os.environ))
+    return p.returncode, json.loads(p.stdout) if p.stdout.strip() else {"stderr": p.stderr}
+
+
+def test_velero_restore_into_a_scratch_namespace_ready_and_deleted(tmp_path, stub):
+    cfg, drill = _setup(tmp_path, stub, ready=True)
+    code, out = _run(cfg, drill)
+    assert code == 0 and out["verdict"] == "pass", out
+    step = out["steps"][0]
+    assert step["point"] == "velero:immich-daily-1" and 7000 < step["point_age_s"] < 7300, step
+    assert "ready" in step["checks"][0]["message"]
+    created = [body for m, p, body in stub.requests if m == "POST" and p == "/api/v1/namespaces"]
+    assert len(created) == 1
+    ns = created[0]["metadata"]["name"]
+    assert created[0]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "drtool"
+    restore = next(body for m, p, body in stub.requests if m == "POST" and p.endswith("/restores"))
+    assert restore["spec"]["namespaceMapping"] == {"immich": ns}
+    assert ("DELETE", f"/api/v1/namespaces/{ns}") in stub.calls()
+    assert out["teardown"]["ok"] and out["teardown"]["kubernetes"]["ok"], out["teardown"]
+
+
+def test_workloads_that_never_become_ready_fail_and_still_tear_down(tmp_path, stub):
+    cfg, drill = _setup(tmp_path, stub, ready=False)
+    code, out = _run(cfg, drill)
+    assert code == 1 and out["verdict"] == "fail", out
+    assert not out["steps"][0]["checks"][0]["ok"] and "server" in out["steps"][0]["checks"][0]["message"]
+    ns = next(body for m, p, body in stub.requests if m == "POST" and p == "/api/v1/namespaces")["metadata"]["name"]
+    assert ("DELETE", f"/api/v1/namespaces/{ns}") in stub.calls()

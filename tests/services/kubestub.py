@@ -1,0 +1,257 @@
+"""A recorded-API STUB of the kube-apiserver for drtool's kubernetes drill scratch.
+
+No kube-apiserver and no Velero server run on the machines that test drtool. ``ApiStub``
+is a small local HTTP server on 127.0.0.1 that plays the kube-apiserver's REST answers
+for exactly the calls drtool makes (namespaces, Velero Backups and Restores, workload
+lists), recording every request so tests assert the exact calls. It is NOT Kubernetes:
+no admission, no defaulting, no garbage collection, no Velero work. The object builders
+below produce documented shapes; tests validate them against the official schemas.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["ApiStub", "backup", "deployment", "job", "pvc", "statefulset", "VELERO"]
+
+VELERO = "/apis/velero.io/v1/namespaces/velero"
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    """A kube-apiserver error body (a metav1.Status)."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+class ApiStub:
+    """A recorded-API stub of the kube-apiserver (NOT Kubernetes: see the module docstring).
+
+    State the tests script:
+      backups        name -> Backup object (velero ns); lists honour ``labelSelector=k=v``
+      restore_script statuses a created Restore shows on its 1st, 2nd, … GET (the last repeats)
+      workloads      (namespace or "*", plural) -> successive item lists for its 1st, 2nd, … list (last repeats)
+      vanish_after   GETs of a deleted namespace still answered (Terminating) before it is gone (404)
+      sticky         namespaces that never go away after DELETE (a stuck finalizer)
+      fail           (method, path) -> (code, reason, message): answer that error instead
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.namespaces: dict[str, dict[str, Any]] = {}
+        self.deleted: dict[str, int] = {}
+        self.backups: dict[str, dict[str, Any]] = {}
+        self.restores: dict[str, dict[str, Any]] = {}
+        self.served_restores: list[dict[str, Any]] = []
+        self.restore_script: list[dict[str, Any]] = [{"phase": "New"}, {"phase": "InProgress"},
+                                                     {"phase": "Completed", "warnings": 0, "errors": 0}]
+        self.restore_gets: dict[str, int] = {}
+        self.workloads: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
+        self.list_gets: dict[tuple[str, str], int] = {}
+        self.vanish_after = 1
+        self.sticky: set[str] = set()
+        self.fail: dict[tuple[str, str], tuple[int, str, str]] = {}
+        self._rv = 1000
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self, method: str) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n) if n else b""
+                body = json.loads(raw) if raw else None
+                url = urllib.parse.urlsplit(self.path)
+                query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+                with stub._lock:
+                    shown = url.path + (("?" + urllib.parse.unquote(url.query)) if url.query else "")
+                    stub.requests.append((method, shown, body))
+                    stub.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    code, doc = stub.route(method, url.path, query, body)
+                data = json.dumps(doc).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._serve("GET")
+
+            def do_POST(self) -> None:
+                self._serve("POST")
+
+            def do_DELETE(self) -> None:
+                self._serve("DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
+                                       name="k8s-api-stub", daemon=True)
+
+    def start(self) -> "ApiStub":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def client(self) -> Any:
+        import kubernetes
+
+        cfg = kubernetes.client.Configuration(host=self.url)
+        return kubernetes.client.ApiClient(cfg)
+
+    # -- the REST routes drtool uses ---------------------------------------------------
+
+    def _meta(self, meta: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        self._rv += 1
+        out = dict(meta)
+        if namespace:
+            out["namespace"] = namespace
+        out.update(uid=f"00000000-0000-4000-8000-{self._rv:012d}", resourceVersion=str(self._rv),
+                   creationTimestamp="2026-11-27T09:30:01Z")
+        return out
+
+    def route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
+        if (method, path) in self.fail:
+            code, reason, message = self.fail[(method, path)]
+            return code, _status(code, reason, message)
+        parts = path.strip("/").split("/")
+        # core/v1 namespaces
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 3 and method == "POST":
+            name = body["metadata"]["name"]
+            if name in self.namespaces:
+                return 409, _status(409, "AlreadyExists", f'namespaces "{name}" already exists')
+            obj = {**body, "metadata": self._meta(body["metadata"]), "spec": {"finalizers": ["kubernetes"]},
+                   "status": {"phase": "Active"}}
+            self.namespaces[name] = obj
+            return 201, obj
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 4:
+            name = parts[3]
+            obj = self.namespaces.get(name)
+            if obj is None:
+                return 404, _status(404, "NotFound", f'namespaces "{name}" not found')
+            if method == "DELETE":
+                if name in self.deleted:
+                    return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on namespaces "{name}": The system is '
+                                        "ensuring all content is removed from this namespace.  Upon completion, this namespace "
+                                        "will automatically be purged by the system.")
+                self.deleted[name] = 0
+                obj["metadata"]["deletionTimestamp"] = "2026-11-27T09:45:00Z"
+                obj["status"] = {"phase": "Terminating"}
+                return 200, obj
+            if method == "GET":
+                if name in self.deleted:
+                    self.deleted[name] += 1
+                    if name not in self.sticky and self.deleted[name] > self.vanish_after:
+                        del self.namespaces[name]
+                        return 404, _status(404, "NotFound", f'namespaces "{name}" not found')
+                return 200, obj
+        # workload lists
+        kinds = {("api", "v1", "persistentvolumeclaims"): "PersistentVolumeClaimList",
+                 ("apis", "apps/v1", "deployments"): "DeploymentList", ("apis", "apps/v1", "statefulsets"): "StatefulSetList",
+                 ("apis", "apps/v1", "daemonsets"): "DaemonSetList", ("apis", "batch/v1", "jobs"): "JobList"}
+        if method == "GET" and len(parts) >= 5 and parts[-3] == "namespaces":
+            group = "v1" if parts[0] == "api" else "/".join(parts[1:3])
+            kind = kinds.get((parts[0], group, parts[-1]))
+            if kind is not None:
+                ns, plural = parts[-2], parts[-1]
+                script = self.workloads.get((ns, plural)) or self.workloads.get(("*", plural)) or [[]]
+                i = self.list_gets.get((ns, plural), 0)
+                self.list_gets[(ns, plural)] = i + 1
+                items = []
+                for obj in script[min(i, len(script) - 1)]:
+                    item = {k: v for k, v in copy.deepcopy(obj).items() if k not in ("apiVersion", "kind")}  # as in a real list
+                    item["metadata"]["namespace"] = ns
+                    items.append(item)
+                return 200, {"kind": kind, "apiVersion": "v1" if group == "v1" else group,
+                             "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+        # velero.io/v1
+        if parts[:3] == ["apis", "velero.io", "v1"] and len(parts) >= 6 and parts[3] == "namespaces":
+            if parts[4] != "velero" or parts[5] not in ("backups", "restores"):
+                return 404, _status(404, "NotFound", "the server could not find the requested resource")
+            plural, name = parts[5], (parts[6] if len(parts) > 6 else None)
+            if plural == "backups" and method == "GET" and name is None:
+                items = list(self.backups.values())
+                if "labelSelector" in query:
+                    k, v = query["labelSelector"].split("=", 1)
+                    items = [b for b in items if (b["metadata"].get("labels") or {}).get(k) == v]
+                return 200, {"apiVersion": "velero.io/v1", "kind": "BackupList", "metadata": {"resourceVersion": "7"},
+                             "items": items}
+            if plural == "backups" and method == "GET":
+                if name not in self.backups:
+                    return 404, _status(404, "NotFound", f'backups.velero.io "{name}" not found')
+                return 200, self.backups[name]
+            if plural == "restores" and method == "POST" and name is None:
+                rname = body["metadata"]["name"]
+                obj = {**body, "metadata": self._meta(body["metadata"])}
+                self.restores[rname] = obj
+                return 201, obj
+            if plural == "restores" and method == "GET" and name is not None:
+                if name not in self.restores:
+                    return 404, _status(404, "NotFound", f'restores.velero.io "{name}" not found')
+                i = self.restore_gets.get(name, 0)
+                self.restore_gets[name] = i + 1
+                obj = {**self.restores[name], "status": self.restore_script[min(i, len(self.restore_script) - 1)]}
+                self.served_restores.append(copy.deepcopy(obj))
+                return 200, obj
+        return 404, _status(404, "NotFound", "the server could not find the requested resource")
+
+    # -- helpers for assertions ------------------------------------------------------
+
+    def calls(self) -> list[tuple[str, str]]:
+        return [(m, p) for m, p, _ in self.requests]
+
+
+def backup(name: str, phase: str, completed: str | None, schedule: str | None = "immich-daily") -> dict[str, Any]:
+    labels = {"velero.io/storage-location": "default"}
+    if schedule:
+        labels["velero.io/schedule-name"] = schedule
+    status: dict[str, Any] = {"phase": phase, "startTimestamp": "2026-11-20T02:00:00Z", "version": 1}
+    if completed:
+        status["completionTimestamp"] = completed
+    return {"apiVersion": "velero.io/v1", "kind": "Backup",
+            "metadata": {"name": name, "namespace": "velero", "labels": labels, "uid": f"uid-{name}"},
+            "spec": {"includedNamespaces": ["immich"], "storageLocation": "default", "ttl": "720h0m0s"}, "status": status}
+
+
+def deployment(name: str, ready: int, replicas: int = 1) -> dict[str, Any]:
+    obj = {"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": name, "generation": 1, "labels": {"app": name}},
+           "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": {"app": name}},
+                                 "spec": {"containers": [{"name": name, "image": f"ghcr.io/immich-app/{name}:v2"}]}}},
+           "status": {"observedGeneration": 1, "replicas": replicas, "readyReplicas": ready, "availableReplicas": ready}}
+    if not ready:
+        del obj["status"]["readyReplicas"], obj["status"]["availableReplicas"]  # as the apiserver omits zeroes
+    return obj
+
+
+def statefulset(name: str, ready: int) -> dict[str, Any]:
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "generation": 1},
+            "spec": {"replicas": 1, "serviceName": name, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": name, "image": "docker.io/library/postgres:16"}]}}},
+            "status": {"observedGeneration": 1, "replicas": 1, "readyReplicas": ready, "availableReplicas": ready}}
+
+
+def pvc(name: str, phase: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}},
+            "status": {"phase": phase}}
+
+
+def job(name: str, condition: str | None) -> dict[str, Any]:
+    status: dict[str, Any] = {"active": 1} if condition is None else {
+        "conditions": [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded" if condition == "Failed" else "Completed"}]}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": name, "image": "busybox:1.36"}]}}},
+            "status": status}
