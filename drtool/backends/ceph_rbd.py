@@ -220,6 +220,10 @@ class RbdCli:
     def create_image(self, pool: str, image: str, size_mb: int) -> None:
         self._create(pool, image, size_mb << 20)
 
+    def create_image_bytes(self, pool: str, image: str, size: int) -> None:
+        """A new image of exactly ``size`` bytes (a snapshot's size, for an import)."""
+        self._create(pool, image, size)
+
     def _create(self, pool: str, image: str, size: int, object_size: int | None = None) -> None:
         self._run("create", "--size", f"{size}B", *(["--object-size", f"{object_size}B"] if object_size else []),
                   spec(pool, image), what=f"cannot create image {spec(pool, image)}")

@@ -60,6 +60,9 @@ class UploadLeg(LegDriver):
         if self._zfs_source():
             snap = self._newest_snapshot()
             return "zfs", snap.name, (up.name if up and up.name else f"{snap.snap}.zfs")
+        if self._rbd_source():
+            spec = self._newest_rbd()
+            return "rbd", spec, (up.name if up and up.name else f"{spec.split('@', 1)[1]}.rbddiff")
         paths = self.policy.source.paths
         if len(paths) != 1:
             raise UsageError(f"{self.policy.name}/{self.leg.leg_name}: an upload leg streams one path (the source has {len(paths)}); "
@@ -88,6 +91,29 @@ class UploadLeg(LegDriver):
             yield d
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+    def _rbd_source(self) -> bool:
+        return getattr(self.ctx.cfg.location(self.policy.source.location), "type", "") == "ceph-rbd"
+
+    def _rbd(self) -> Any:
+        from ..backends.ceph_rbd import CephConn, RbdCli
+
+        loc = self.ctx.cfg.location(self.policy.source.location)
+        return self.ctx.backend(f"rbd:{self.policy.source.location}", lambda: RbdCli(CephConn(
+            conf=loc.conf, keyring=loc.keyring, client_id=loc.client_id)))  # type: ignore[attr-defined]
+
+    def _newest_rbd(self) -> str:
+        """pool/image@snap: the newest snapshot the policy's snapshot leg made (sent as a full export-diff stream)."""
+        from .rbd_legs import snap_prefix
+
+        legs = [leg.leg_name for leg in self.policy.legs if leg.kind == "snapshot"]
+        if not legs:
+            raise UsageError(f"{self.policy.name}/{self.leg.leg_name}: uploading an RBD image sends the policy's own snapshots: add a snapshot leg")
+        pool, image = self.ctx.cfg.location(self.policy.source.location).pool, self.policy.source.image  # type: ignore[attr-defined]
+        snaps = [s for s in self._rbd().list_snaps(pool, image) if s.name.startswith(snap_prefix(self.policy.name, legs[0]))]
+        if not snaps:
+            raise SourceError(f"{pool}/{image} has no snapshot of {self.policy.name}/{legs[0]} yet: run the snapshot leg first")
+        return f"{pool}/{image}@{snaps[-1].name}"
 
     def _zfs_source(self) -> bool:
         return getattr(self.ctx.cfg.location(self.policy.source.location), "type", "") == "zfs"
@@ -138,6 +164,13 @@ class UploadLeg(LegDriver):
                 if kind == "directory":
                     with os.fdopen(w, "wb", closefd=True) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                         tar.add(what, arcname=os.path.basename(what.rstrip("/")) or ".")
+                elif kind == "rbd":
+                    spec, snap = what.split("@", 1)
+                    pool, image = spec.split("/", 1)
+                    try:
+                        self._rbd().export_diff(pool, image, snap, w)  # the full diff stream: the image at that snapshot
+                    finally:
+                        os.close(w)
                 elif kind == "zfs":
                     from ..backends.zfs import send_args
 
@@ -214,6 +247,11 @@ class UploadLeg(LegDriver):
         if kind == "zfs":
             snap = self._newest_snapshot()
             manifest["source_point"] = {"location": self.policy.source.location, "snapshot": snap.name, "guid": snap.guid}
+        elif kind == "rbd":
+            spec, snap = what.split("@", 1)
+            pool, image = spec.split("/", 1)
+            size = next((x.size for x in self._rbd().list_snaps(pool, image) if x.name == snap), None)
+            manifest["source_point"] = {"location": self.policy.source.location, "snapshot": what, "size": size}
         elif getattr(self, "_source_point", None) is not None:
             manifest["source_point"] = self._source_point
         store.put_stream(f"{point_id}/{MANIFEST}", io.BytesIO(json.dumps(manifest, indent=1).encode()), metadata=meta)
@@ -354,6 +392,8 @@ class UploadLeg(LegDriver):
             return self._platform_check("sample", point, doc)
         if kind == "zfs":
             return self._sample_zfs(point, doc)
+        if kind == "rbd":
+            return self._sample_rbd(point, doc)
         if kind == "directory":
             r, t, box = self._download(doc["object"])
             members = size = 0
@@ -403,6 +443,23 @@ class UploadLeg(LegDriver):
         if tee.sha256.hexdigest() != doc["sha256"]:
             raise BackendError(f"downloaded SHA-256 {tee.sha256.hexdigest()[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
 
+    def _sample_rbd(self, point: RecoveryPoint, doc: dict[str, Any]) -> dict[str, Any]:
+        """The restore path itself, into a scratch image beside the source, then removed."""
+        import secrets as _secrets
+
+        pool = self.ctx.cfg.location(self.policy.source.location).pool  # type: ignore[attr-defined]
+        scratch = f"{pool}/drtool-verify-{_secrets.token_hex(3)}"
+        cli = self._rbd()
+        try:
+            out = self.restore(point, scratch)
+        except BackendError as exc:
+            return {"level": "sample", "ok": False, "message": f"{point.id}: {exc}"}
+        finally:
+            if cli.image_exists(pool, scratch.split("/", 1)[1]):
+                cli.remove_image(pool, scratch.split("/", 1)[1], purge_snapshots=True)
+        problems = out.detail["mismatches"]
+        return {"level": "sample", "ok": not problems, "message": "; ".join(problems) if problems else f"{point.id}: {out.message}"}
+
     def _sample_zfs(self, point: RecoveryPoint, doc: dict[str, Any]) -> dict[str, Any]:
         """The restore path itself, into a scratch dataset beside the source, then destroyed."""
         import secrets as _secrets
@@ -432,6 +489,13 @@ class UploadLeg(LegDriver):
             if self._zfs().dataset_exists(target):
                 raise UsageError(f"{target} already exists: a zfs stream is received into a new dataset")
             return
+        if self._rbd_source():
+            pool, _, image = target.rpartition("/")
+            if not pool or not image:
+                raise UsageError("an RBD stream is imported into a new image: --target <pool>/<new-image>")
+            if self._rbd().image_exists(pool, image):
+                raise UsageError(f"{target} already exists: an RBD stream is imported into a new image")
+            return
         tgt = Path(target)
         if tgt.exists() and any(tgt.iterdir()) and not force:
             raise UsageError(f"{target} is not empty: restore into an empty directory (or pass --force)")
@@ -446,7 +510,9 @@ class UploadLeg(LegDriver):
         r, t, box = self._download(doc["object"])
         mismatches: list[str] = []
         try:
-            if kind == "zfs":
+            if kind == "rbd":
+                mismatches.extend(self._restore_rbd(doc, target, r))
+            elif kind == "zfs":
                 from ..backends.zfs import receive_args
 
                 cli = self._zfs()
@@ -477,12 +543,32 @@ class UploadLeg(LegDriver):
             raise BackendError(f"downloading {doc['object']} failed: {box['error']}")
         if box.get("sha256") != doc["sha256"]:
             mismatches.append(f"downloaded SHA-256 {str(box.get('sha256'))[:12]}… ≠ {doc['sha256'][:12]}… in the manifest")
-        what = {"zfs": f"received into {target}", "directory": f"extracted into {target}"}.get(kind, f"written to {target}/{doc['name']}")
+        what = {"zfs": f"received into {target}", "rbd": f"imported into {target}", "directory": f"extracted into {target}"}.get(
+            kind, f"written to {target}/{doc['name']}")
         plat = self._platform() if kind in PLATFORM_KINDS else None
         if plat is not None and not mismatches:
             what += "; " + plat.restore_hint(Path(target) / doc["name"])
         return LegOutcome(point=point, bytes_processed=box.get("n"), detail={"mismatches": mismatches, "manifest": doc},
                           message=f"{point.id}: {box.get('n')} bytes {what}" + ("; SHA-256 matches the manifest" if not mismatches else ""))
+
+    def _restore_rbd(self, doc: dict[str, Any], target: str, fd: int) -> list[str]:
+        """Create ``target`` (pool/image) at the snapshot's size and import the diff stream;
+        the image then holds the snapshot, which must hash like the source's when that still exists."""
+        cli = self._rbd()
+        sp = doc.get("source_point", {})
+        src_spec, snap = sp["snapshot"].split("@", 1)
+        pool, image = target.rsplit("/", 1)
+        cli.create_image_bytes(pool, image, int(sp["size"]))
+        cli.import_diff(pool, image, fd)
+        if snap not in {s.name for s in cli.list_snaps(pool, image)}:
+            return [f"{target} holds no snapshot {snap} after the import"]
+        spool, simage = src_spec.split("/", 1)
+        if snap in {s.name for s in cli.list_snaps(spool, simage)}:
+            want, _ = cli.export_hash(spool, simage, snap)
+            got, _ = cli.export_hash(pool, image, snap)
+            if want != got:
+                return [f"{target}@{snap} hashes {got[:12]}…, the source snapshot {want[:12]}…"]
+        return []
 
     def immutability(self) -> tuple[bool, str]:
         """(immutable, how we know), read from the bucket."""

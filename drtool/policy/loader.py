@@ -316,10 +316,10 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             if not isinstance(legs, CommentedSeq):
                 continue
             kinds = [leg.get("kind") for leg in legs if isinstance(leg, CommentedMap)]
-            src_is_zfs = isinstance(src_name, str) and loc_type(src_name) == "zfs"
-            if src_is_zfs and "upload" in kinds and "snapshot" not in kinds:
+            src_type = loc_type(src_name) if isinstance(src_name, str) else None
+            if src_type in ("zfs", "ceph-rbd") and "upload" in kinds and "snapshot" not in kinds:
                 line, dotted = _node_line(tree, ("policies", i, "legs", kinds.index("upload"), "kind"))
-                issues.append(Issue(str(f), line, dotted, "an upload leg of a zfs source sends the policy's own snapshots: add a snapshot leg"))
+                issues.append(Issue(str(f), line, dotted, f"an upload leg of a {src_type} source sends the policy's own snapshots: add a snapshot leg"))
             if "replicate" in kinds and "snapshot" not in kinds:
                 line, dotted = _node_line(tree, ("policies", i, "legs", kinds.index("replicate"), "kind"))
                 issues.append(Issue(str(f), line, dotted, "a replicate leg sends the policy's own snapshots: add a snapshot leg to this policy"))
@@ -365,7 +365,7 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     issues.append(Issue(str(f), line, dotted, "backup legs read files: give the source a 'path' (the directories to back up)"))
                 elif kind == "upload" and isinstance(source, CommentedMap) and not source.get("path") and not (
                         isinstance(leg.get("upload"), CommentedMap) and leg["upload"].get("command")) and not (
-                        isinstance(src_name, str) and loc_type(src_name) in ("zfs", "vault", "talos")):
+                        isinstance(src_name, str) and loc_type(src_name) in ("zfs", "vault", "talos", "ceph-rbd")):
                     issues.append(Issue(str(f), line, dotted, "an upload leg streams the source's 'path' (a file, or a directory as tar) "
                                         "or the stdout of 'upload: {command: [...]}': give one of them"))
                 elif kind in supported_types and ttype not in allowed:
