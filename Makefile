@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /var/tmp/drtool-demo
 
-.PHONY: install test demo docs bench bench-zfs bench-parity bench-upload bench-platform clean-demo
+.PHONY: install test demo docs bench bench-zfs bench-parity bench-upload bench-platform bench-drill clean-demo
 
 install:
 	@scripts/install-deps.sh
@@ -32,6 +32,9 @@ bench-upload: install
 bench-platform: install
 	$(PY) bench/etcd_verify.py
 	$(PY) bench/vault_verify.py
+
+bench-drill: install
+	$(PY) bench/drill_restore.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

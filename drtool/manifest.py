@@ -123,31 +123,38 @@ def still_valid(entries: list[Entry]) -> list[Entry]:
 BIG_FILE = 16 << 20  # above this, one file is hashed on every core (mmap), like b3sum
 
 
-def hash_file_fast(path: str, size: int | None = None) -> str:
-    """BLAKE3 of a file for verification: big files on every core via mmap (the mapping
-    is transient), small ones in 1 MiB chunks."""
+def hash_file_fast(path: str, size: int | None = None, *, threads: bool = True) -> str:
+    """BLAKE3 of a file for verification: big files via mmap (the mapping is transient),
+    on every core unless ``threads`` is off (a pool of file hashers already fills them),
+    small ones in 1 MiB chunks."""
     if size is None:
         size = os.stat(path).st_size
     if size >= BIG_FILE:
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
         h.update_mmap(path)
         return h.hexdigest()
     return hash_file(path)
 
 
-def _entry(path: str) -> Entry | None:
+def _workers(workers: int | None) -> int:
+    return workers or min(4, os.cpu_count() or 2)
+
+
+def _entry(path: str, threads: bool) -> Entry | None:
     try:
         st = os.stat(path, follow_symlinks=False)
-        return Entry(path, st.st_size, st.st_mtime_ns, hash_file_fast(path, st.st_size))
+        return Entry(path, st.st_size, st.st_mtime_ns, hash_file_fast(path, st.st_size, threads=threads))
     except OSError:
         return None
 
 
 def full(paths: list[str], workers: int | None = None) -> list[Entry]:
-    """Every regular file under ``paths`` with its BLAKE3 (files hashed in parallel)."""
+    """Every regular file under ``paths`` with its BLAKE3: one file per core at a time
+    (each single-threaded, so the two kinds of parallelism do not fight over the cores)."""
     files = [e if isinstance(e, str) else e.path for e in walk_files(paths)]
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 2), thread_name_prefix="manifest") as pool:
-        return [e for e in pool.map(_entry, files) if e is not None]
+    n = _workers(workers)
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="manifest") as pool:
+        return [e for e in pool.map(lambda f: _entry(f, n == 1), files) if e is not None]
 
 
 def write_file(path: Path, entries: list[Entry]) -> None:
@@ -168,6 +175,8 @@ def read_file(path: Path) -> list[dict]:
 def compare_tree(root: Path, entries: list[dict], workers: int | None = None) -> list[str]:
     """Mismatches of the files under ``root`` (a restore target: entry paths re-rooted
     there) against ``entries``; files hashed in parallel."""
+    n = _workers(workers)
+
     def one(e: dict) -> str | None:
         restored = root / e["path"].lstrip("/")
         try:
@@ -176,7 +185,8 @@ def compare_tree(root: Path, entries: list[dict], workers: int | None = None) ->
             return f"{e['path']}: missing"
         if st.st_size != e["size"]:
             return f"{e['path']}: size {st.st_size}, {e['size']} at backup"
-        return None if hash_file_fast(str(restored), st.st_size) == e["blake3"] else f"{e['path']}: BLAKE3 differs"
+        return None if hash_file_fast(str(restored), st.st_size, threads=n == 1) == e["blake3"] else f"{e['path']}: BLAKE3 differs"
 
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 2), thread_name_prefix="compare") as pool:
-        return [m for m in pool.map(one, entries) if m]
+    ordered = sorted(entries, key=lambda e: -int(e.get("size") or 0))  # biggest first: no straggler at the end
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="compare") as pool:
+        return [m for m in pool.map(one, ordered) if m]

@@ -62,12 +62,14 @@ def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> Reco
 
 
 def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, target: str | None, include: tuple[str, ...] = (),
-                  dry_run: bool = False, force: bool = False, rollback: bool = False, destroy_newer: bool = False) -> RestoreResult:
+                  dry_run: bool = False, force: bool = False, rollback: bool = False, destroy_newer: bool = False,
+                  point: RecoveryPoint | None = None) -> RestoreResult:
+    """``point``: already resolved (a drill lists the points once), else ``selector`` picks it."""
     from .legs import driver_for
 
     driver = driver_for(ctx, policy, leg)
     driver.restore_preflight(target, force=force, rollback=rollback)
-    point = resolve_point(ctx, policy, leg, selector)
+    point = point or resolve_point(ctx, policy, leg, selector)
     res = RestoreResult(policy.name, leg.leg_name, point.id, point.time.isoformat(), target, dry_run, False, "")
     if dry_run:
         planned = driver.restore_plan(point, target, include)

@@ -162,7 +162,7 @@ class _Runner:
                 r.point, r.point_time = point.id, point.time.isoformat()
                 r.point_age_s = round((self.started - point.time).total_seconds(), 1)
                 dataset = self._scratch_dataset(pol, leg)
-                res = restore_point(self.ctx, pol, leg, selector=point.id, target=dataset or str(target))
+                res = restore_point(self.ctx, pol, leg, selector=point.id, target=dataset or str(target), point=point)
                 if dataset:  # checks run in the clone's (or received dataset's) mountpoint
                     target = Path(res.detail.get("mountpoint") or self._zfs_cli(pol).get_property(dataset, "mountpoint") or target)
                 if not res.ok:
@@ -372,5 +372,6 @@ def run_drill(ctx: Any, drill: Drill, file: str) -> DrillResult:
     problems = check_references(ctx.cfg, drill)
     if problems:
         raise ConfigError(f"{file}: " + "; ".join(problems))
+    ctx.warm_catalog()  # open the catalog while the first restores start
     return _Runner(ctx, drill, file).run()
 
