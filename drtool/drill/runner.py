@@ -120,6 +120,7 @@ class _Runner:
         self.cancel = threading.Event()
         self.datasets: list[tuple[Any, str]] = []  # (zfs cli, scratch dataset) to destroy at teardown
         self.kube: Any = None  # the kubernetes scratch (drill.scratch == "kubernetes")
+        self.images: list[tuple[Any, str, str]] = []  # (rbd cli, pool, scratch image) to remove at teardown
         self._lock = threading.Lock()
 
     def elapsed(self) -> float:
@@ -162,9 +163,12 @@ class _Runner:
                 r.point, r.point_time = point.id, point.time.isoformat()
                 r.point_age_s = round((self.started - point.time).total_seconds(), 1)
                 dataset = self._scratch_dataset(pol, leg)
-                res = restore_point(self.ctx, pol, leg, selector=point.id, target=dataset or str(target), point=point)
+                image = None if dataset else self._scratch_image(pol, leg)
+                res = restore_point(self.ctx, pol, leg, selector=point.id, target=dataset or image or str(target), point=point)
                 if dataset:  # checks run in the clone's (or received dataset's) mountpoint
                     target = Path(res.detail.get("mountpoint") or self._zfs_cli(pol).get_property(dataset, "mountpoint") or target)
+                elif image:  # an RBD clone/import is proved by its hash at restore; checks run in the step dir
+                    target.mkdir(parents=True, exist_ok=True)
                 if not res.ok:
                     r.restore_s = self.elapsed()
                     r.status, r.message = "failed", f"the restore of {point.id} did not prove out: {res.message}"
@@ -218,6 +222,23 @@ class _Runner:
         with self._lock:
             self.datasets.append((self._zfs_cli(pol), name))
         return name
+
+    def _scratch_image(self, pol: Any, leg: Any) -> str | None:
+        """RBD points restore into a new image (a flattened clone, or an import) in the
+        pool that holds them, registered for teardown before it exists."""
+        import secrets
+
+        from ..backends.ceph_rbd import CephConn, RbdCli
+
+        src = self.ctx.cfg.location(pol.source.location)
+        if getattr(src, "type", "") != "ceph-rbd" or leg.kind not in ("snapshot", "replicate", "upload"):
+            return None
+        where = self.ctx.cfg.location(leg.to) if leg.kind == "replicate" else src
+        name = f"drtool-drill-{secrets.token_hex(4)}"
+        cli = RbdCli(CephConn(conf=where.conf, keyring=where.keyring, client_id=where.client_id))
+        with self._lock:
+            self.images.append((cli, where.pool, name))
+        return f"{where.pool}/{name}"
 
     # -- the DAG ---------------------------------------------------------------------
 
@@ -309,6 +330,15 @@ class _Runner:
         """Kill whatever is left, remove the scratch dir, and report what could not be removed."""
         killed = ex.terminate_all()
         leftovers = []
+        for rbd, pool, image in self.images:
+            try:
+                if rbd.image_exists(pool, image):
+                    rbd.remove_image(pool, image, purge_snapshots=True)
+                if rbd.image_exists(pool, image):
+                    leftovers.append(f"{pool}/{image}")
+            except DrtoolError as exc:
+                log.error("teardown: cannot remove %s/%s: %s", pool, image, exc)
+                leftovers.append(f"{pool}/{image}")
         kube = None
         if self.kube is not None:
             kube = self.kube.teardown()

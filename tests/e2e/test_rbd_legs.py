@@ -158,3 +158,33 @@ policies:
     assert out["ok"], out
     snap = run["results"][0]["point"].split("@", 1)[1]
     assert cli.export_hash(pool, target.split("/", 1)[1], snap)[0] == cli.export_hash(pool, image, snap)[0]
+
+
+def test_a_drill_clones_rbd_points_into_scratch_images_and_removes_them(ceph_cluster, tmp_path):
+    pool = ceph_cluster.make_pool("drill")
+    image = f"vol-{uuid.uuid4().hex[:6]}"
+    cli = RbdCli(CephConn(conf=str(ceph_cluster.conf), keyring=str(ceph_cluster.keyring)))
+    cli.create_image(pool, image, 4)
+    cli.import_diff(pool, image, io.BytesIO(rbd_diff_stream(4 * MiB, {0: random.Random(3).randbytes(MiB)})))
+    cfg = tmp_path / "rbd-drill.yaml"
+    cfg.write_text(f"""\
+version: 1
+locations:
+  ceph: {{type: ceph-rbd, pool: {pool}, conf: {ceph_cluster.conf}, keyring: {ceph_cluster.keyring}, media: nvme, site: home, failure_domain: ceph-a}}
+policies:
+  - name: vol
+    source: {{location: ceph, image: {image}}}
+    rpo: 1h
+    rto: 1h
+    legs: [{{kind: snapshot, schedule: "@hourly"}}]
+""")
+    _drtool(cfg, "run", "--no-verify")
+    drill = tmp_path / "d.yaml"
+    drill.write_text("version: 1\nname: rbd\ntargets: {rto: 10m, rpo: 1h}\nsteps:\n  - name: clone\n    restore: {policy: vol}\n")
+    out = _drtool(cfg, "drill", "run", str(drill))
+    assert out["verdict"] == "pass" and out["steps"][0]["status"] == "passed", out
+    assert "drtool-drill-" not in ceph_cluster.rbd("ls", pool).stdout.decode()
+    assert out["teardown"]["ok"]
+    restores = [r for r in _drtool(cfg, "runs")["runs"] if r["kind"] == "restore"]
+    assert restores and restores[0]["phase"] == "succeeded", restores
+    assert restores[0]["detail"]["image"].startswith(f"{pool}/drtool-drill-") and not restores[0]["detail"]["mismatches"]
