@@ -29,6 +29,7 @@ class StepContext:
         self.kube: Any = None  # the kubernetes scratch, and the namespaces this step restored into
         self.namespaces: list[str] = []
         self.cancel: Any = None
+        self.step: str | None = None
 
     def artifact(self) -> Path:
         """The one file a platform restore produced (an etcd or raft snapshot)."""
@@ -53,7 +54,7 @@ class StepContext:
 def run_check(check: Check, sc: StepContext) -> Outcome:
     fn = {"etcd": _etcd, "vault": _vault, "tree-compare": _tree_compare, "http": _http, "command": _command,
           "gpu-compute": _gpu("gpu_compute"), "gpu-inference": _gpu("gpu_inference"), "transcode": _gpu("transcode"),
-          "k8s-ready": _k8s_ready}[check.kind]
+          "k8s-ready": _k8s_ready, "k8s-gpu": _k8s_gpu}[check.kind]
     if sc.point is None and check.kind in NEEDS_RESTORE:
         return False, f"a {check.kind} check inspects restored data: give the step a 'restore'", {}
     try:
@@ -77,6 +78,16 @@ def _k8s_ready(spec: Any, sc: StepContext) -> Outcome:
     if sc.kube is None or not sc.namespaces:
         return False, "a k8s-ready check needs a step that restored with 'velero' (the namespaces to watch)", {}
     return sc.kube.ready(spec, sc.namespaces, cancel=sc.cancel)
+
+
+def _k8s_gpu(spec: Any, sc: StepContext) -> Outcome:
+    """Nodes advertise the resource; a probe pod requesting one runs in the step's scratch
+    namespace (created for the step when it restored nothing)."""
+    if sc.kube is None:
+        return False, "a k8s-gpu check needs 'scratch: kubernetes'", {}
+    if not sc.namespaces:
+        sc.namespaces.append(sc.kube.create_namespace(sc.step or "gpu"))
+    return sc.kube.gpu_probe(spec, sc.namespaces[0], cancel=sc.cancel)
 
 
 def _etcd(spec: Any, sc: StepContext) -> Outcome:

@@ -161,7 +161,19 @@ class K8sReadyCheck(Strict):
     timeout: Duration = Field("15m", description="How long to wait for readiness.")
 
 
-CHECK_KINDS = ("etcd", "vault", "tree-compare", "http", "command", "gpu-compute", "gpu-inference", "transcode", "k8s-ready")
+class K8sGpuCheck(Strict):
+    """kubernetes scratch: nodes advertise the GPU resource, and a probe pod that requests one runs to completion."""
+
+    resource: Literal["amd.com/gpu", "gpu.intel.com/i915", "gpu.intel.com/xe", "nvidia.com/gpu"] = Field(
+        description="The extended resource the device plugin advertises.", examples=["amd.com/gpu"])
+    min_nodes: int = Field(1, ge=1, description="At least this many nodes must advertise (allocatable ≥ 1).")
+    probe_image: str = Field("busybox:1.36", description="The probe pod's image.", examples=["rocm/rocm-terminal:6.2"])
+    probe_command: list[str] = Field(default_factory=lambda: ["sh", "-c", "ls /dev/dri /dev/kfd 2>/dev/null | grep -q ."],
+                                     min_length=1, description="What the probe runs; exit 0 is a pass.")
+    timeout: Duration = Field("10m", description="How long the probe may take (scheduling included).")
+
+
+CHECK_KINDS = ("etcd", "vault", "tree-compare", "http", "command", "gpu-compute", "gpu-inference", "transcode", "k8s-ready", "k8s-gpu")
 
 
 class Check(Strict):
@@ -176,6 +188,7 @@ class Check(Strict):
     gpu_inference: GpuInferenceCheck | None = Field(None, alias="gpu-inference")
     transcode: TranscodeCheck | None = None
     k8s_ready: K8sReadyCheck | None = Field(None, alias="k8s-ready")
+    k8s_gpu: K8sGpuCheck | None = Field(None, alias="k8s-gpu")
     name: str | None = Field(None, description="A label for reports. Default: the kind.")
     required: bool = Field(True, description="A failed required check fails the drill; an optional one makes it partial (exit 3).")
 
@@ -265,9 +278,9 @@ class Drill(Strict):
         velero = [s.name for s in self.steps if s.velero is not None]
         if velero and self.scratch != "kubernetes":
             raise ValueError(f"step(s) {', '.join(velero)} restore with Velero: set 'scratch: kubernetes'")
-        ready = [s.name for s in self.steps for c in s.checks if c.kind == "k8s-ready"]
-        if ready and self.scratch != "kubernetes":
-            raise ValueError(f"k8s-ready checks (step(s) {', '.join(ready)}) need 'scratch: kubernetes'")
+        kube = [f"{s.name} ({c.kind})" for s in self.steps for c in s.checks if c.kind in ("k8s-ready", "k8s-gpu")]
+        if kube and self.scratch != "kubernetes":
+            raise ValueError(f"kubernetes checks (step {', '.join(kube)}) need 'scratch: kubernetes'")
         return self
 
     @model_validator(mode="after")

@@ -182,7 +182,7 @@ class _Runner:
             if self.cancel.is_set():
                 raise DrtoolError("stopped: the drill was cancelled")
             sc = StepContext(self.ctx, pol, leg, point, target, detail, work)
-            sc.kube, sc.namespaces, sc.cancel = self.kube, namespaces, self.cancel
+            sc.kube, sc.namespaces, sc.cancel, sc.step = self.kube, namespaces, self.cancel, step.name
             for check in step.checks:
                 if self.cancel.is_set():
                     raise DrtoolError("stopped: the drill was cancelled")
