@@ -16,6 +16,10 @@ Everything goes through the official Kubernetes Python client (``pip install
   never overwrites anything). The Restore object is left in Velero's namespace after the
   drill (it is Velero's record of the restore: ``velero restore describe/logs``).
 
+- for a ``k8s-gpu`` check, a probe ``Pod`` in the step's scratch namespace requesting one
+  of the GPU resource (after checking that enough nodes advertise it); it goes with the
+  namespace.
+
 Teardown deletes every scratch namespace with ``propagationPolicy: Foreground`` and waits
 until the API answers 404 for each; what is still there is reported as a leftover.
 
@@ -38,7 +42,7 @@ from typing import Any
 
 from ..durations import parse_duration
 from ..errors import BackendError, ConfigError, DrtoolError
-from .model import K8sReadyCheck, KubernetesScratch, VeleroRestoreSpec
+from .model import K8sGpuCheck, K8sReadyCheck, KubernetesScratch, VeleroRestoreSpec
 
 log = logging.getLogger("drtool.drill.k8s")
 
@@ -480,6 +484,176 @@ class KubeScratch:
             if time.monotonic() >= deadline:
                 what = "; ".join(detail.get("not_ready", [])) or last_error
                 return False, f"not ready after {check.timeout}: {what}", detail
+            pause = min(poll, max(0.0, deadline - time.monotonic()))
+            if cancel is not None:
+                cancel.wait(pause)
+            else:
+                time.sleep(pause)
+
+    # -- GPU probe -------------------------------------------------------------------
+
+    def probe_pod_manifest(self, check: K8sGpuCheck, namespace: str, name: str) -> dict[str, Any]:
+        """The GPU probe Pod (pure): one container running ``check.probe_command`` in
+        ``check.probe_image`` with one ``check.resource`` requested and limited, never restarted,
+        killed by the kubelet after ``check.timeout``, tolerating the GPU nodes' usual taint."""
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {MANAGED_BY: "drtool", DRILL_LABEL: label_value(self.drill)},
+            },
+            "spec": {
+                "restartPolicy": "Never",
+                "activeDeadlineSeconds": max(1, int(_seconds(check.timeout))),
+                "automountServiceAccountToken": False,  # the probe has no business with the API
+                "tolerations": [{"key": check.resource, "operator": "Exists", "effect": "NoSchedule"}],
+                "containers": [{
+                    "name": "probe",
+                    "image": check.probe_image,
+                    "command": list(check.probe_command),
+                    "resources": {"limits": {check.resource: "1"}, "requests": {check.resource: "1"}},
+                    # a failed probe's last log lines become state.terminated.message
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                }],
+            },
+        }
+
+    @staticmethod
+    def _quantity(value: Any) -> float:
+        """A resource quantity ("1", "2", "500m", "1k") as a number; anything unparsable is 0."""
+        from kubernetes.utils import parse_quantity
+
+        try:
+            return float(parse_quantity(value))
+        except (ValueError, TypeError, ArithmeticError):
+            return 0.0
+
+    @staticmethod
+    def _plain(exc: KubeApiError) -> str:
+        """``exc`` without the generic RBAC hint _api_error adds (a probe gives its own)."""
+        return str(exc).split(" (check the kubeconfig's credentials and RBAC", 1)[0]
+
+    @staticmethod
+    def _pod_trouble(doc: dict[str, Any]) -> str:
+        """Why a pod is not (yet) running: the PodScheduled=False condition, a waiting container's
+        reason, or a terminated container's exit code; "" when nothing is wrong."""
+        st = doc.get("status") or {}
+        why: list[str] = []
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                text = f"PodScheduled=False ({c.get('reason') or 'no reason'})"
+                if c.get("message"):
+                    text += f": {c['message']!r}"
+                why.append(text)
+        for cs in st.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            if "terminated" in state:
+                t = state["terminated"] or {}
+                text = f"container {cs.get('name', '?')} exited with code {t.get('exitCode', '?')}"
+                if t.get("reason"):
+                    text += f" ({t['reason']})"
+                if t.get("signal"):
+                    text += f", signal {t['signal']}"
+                if t.get("message"):
+                    text += f": {str(t['message']).strip()[-500:]!r}"
+                why.append(text)
+            elif (state.get("waiting") or {}).get("reason"):
+                w = state["waiting"]
+                text = f"container {cs.get('name', '?')} waiting: {w['reason']}"
+                if w.get("message"):
+                    text += f": {w['message']!r}"
+                why.append(text)
+        if st.get("reason"):  # pod-level: DeadlineExceeded, Evicted, …
+            why.append(f"pod {st['reason']}" + (f": {st['message']!r}" if st.get("message") else ""))
+        return "; ".join(why)
+
+    def gpu_probe(self, check: K8sGpuCheck, namespace: str, *, cancel: threading.Event | None = None,
+                  poll: float = 2.0) -> tuple[bool, str, dict[str, Any]]:
+        """At least ``check.min_nodes`` nodes advertise ``check.resource`` (allocatable ≥ 1), and a
+        probe pod requesting one, created in ``namespace`` (a scratch namespace: teardown removes
+        it), runs ``check.probe_command`` to Succeeded within ``check.timeout``. Failures are
+        returned as (False, why, detail), never raised."""
+        t0 = time.monotonic()
+        deadline = t0 + _seconds(check.timeout)
+        res = check.resource
+        detail: dict[str, Any] = {"resource": res, "min_nodes": check.min_nodes, "nodes": [], "advertising": {},
+                                  "namespace": namespace, "pod": None, "phase": None, "node": None, "polls": 0}
+
+        def done(ok: bool, message: str) -> tuple[bool, str, dict[str, Any]]:
+            detail["seconds"] = round(time.monotonic() - t0, 3)
+            return ok, message, detail
+
+        if cancel is not None and cancel.is_set():
+            return done(False, "stopped: the drill was cancelled before the GPU probe started")
+        # (1) the nodes that advertise the resource
+        try:
+            nodes = list(self._call("list nodes", self.core.list_node).get("items") or [])
+        except KubeApiError as exc:
+            if exc.status == 403:
+                return done(False, f"the drill's service account cannot list nodes: grant get/list on nodes (a ClusterRole; "
+                                   f"nodes are cluster-scoped) [{self._plain(exc)}]")
+            return done(False, f"cannot list the nodes advertising {res}: {exc}")
+        have: dict[str, str] = {}
+        for node in nodes:
+            node_name = (node.get("metadata") or {}).get("name", "?")
+            alloc = (node.get("status") or {}).get("allocatable") or {}
+            detail["nodes"].append(node_name)
+            if self._quantity(alloc.get(res)) >= 1:
+                have[node_name] = str(alloc[res])
+        detail["advertising"] = have
+        if len(have) < check.min_nodes:
+            listed = ", ".join(detail["nodes"][:20]) + (f", … ({len(nodes) - 20} more)" if len(nodes) > 20 else "")
+            return done(False, f"{len(have)} of {len(nodes)} node(s) advertise {res} (allocatable ≥ 1), {check.min_nodes} needed"
+                               + (f": {', '.join(f'{n} ({q})' for n, q in have.items())}" if have else "")
+                               + f"; nodes: {listed or 'none at all'}; is the {res} device plugin running on the GPU nodes?")
+        # (2) the probe pod
+        name = dns_label("drtool-gpu-probe", self.drill, suffix=secrets.token_hex(3))
+        detail["pod"] = name
+        body = self._client.V1Pod.from_dict(self.probe_pod_manifest(check, namespace, name))
+        try:
+            self._call(f"create GPU probe pod {name} in namespace {namespace}", self.core.create_namespaced_pod, namespace, body)
+        except KubeApiError as exc:
+            hint = " (RBAC: grant create/get on pods in the scratch namespaces)" if exc.status == 403 else ""
+            return done(False, f"{self._plain(exc)}{hint}")
+        log.info("kubernetes scratch: GPU probe pod %s/%s requests one %s", namespace, name, res)
+        where = f"probe pod {namespace}/{name}"
+        transient, last_error, doc = 0, "", {}
+        phase = "Pending"
+        while True:
+            detail["polls"] += 1
+            try:
+                doc = self._call(f"get GPU probe pod {name} in namespace {namespace}", self.core.read_namespaced_pod,
+                                 name, namespace)
+                transient, last_error = 0, ""
+            except KubeApiError as exc:
+                transient += 1
+                last_error = str(exc)
+                if exc.status == 404:
+                    return done(False, f"{where} disappeared (deleted or evicted and removed) while {phase}")
+                if not exc.transient or transient > MAX_TRANSIENT:
+                    return done(False, f"{where}: state not known: {exc}")
+                log.warning("kubernetes scratch: %s (retrying)", exc)
+            if not last_error:
+                phase = (doc.get("status") or {}).get("phase") or "Pending"
+                detail["phase"] = phase
+                detail["node"] = (doc.get("spec") or {}).get("nodeName") or None
+                on = f" on node {detail['node']}" if detail["node"] else ""
+                if phase == "Succeeded":
+                    return done(True, f"{len(have)} node(s) advertise {res} ({', '.join(have)}); {where} Succeeded{on} "
+                                      f"after {time.monotonic() - t0:.1f}s")
+                if phase == "Failed":
+                    why = self._pod_trouble(doc) or "no reason given"
+                    return done(False, f"{where} Failed{on}: {why}")
+            if cancel is not None and cancel.is_set():
+                return done(False, f"stopped: the drill was cancelled; {where} was {phase}")
+            if time.monotonic() >= deadline:
+                why = self._pod_trouble(doc) if not last_error else last_error
+                if phase == "Pending" and not detail["node"] and not why:
+                    why = "not scheduled yet"
+                on = f" on node {detail['node']}" if detail["node"] else ""
+                return done(False, f"{where} still {phase}{on} after {check.timeout}" + (f": {why}" if why else ""))
             pause = min(poll, max(0.0, deadline - time.monotonic()))
             if cancel is not None:
                 cancel.wait(pause)

@@ -471,3 +471,197 @@ def test_expiry_annotation_is_utc_even_for_a_local_now(stub):
     local = datetime(2026, 11, 27, 10, 30, tzinfo=timezone(timedelta(hours=1)))
     k = KubeScratch(KubernetesScratch(ttl="30m"), "d", now=local, api_client=stub.client())
     assert k.namespace_manifest("x")["metadata"]["annotations"]["drtool.dev/expires-at"] == "2026-11-27T10:00:00Z"
+
+
+# ---------------------------------------------------------------------------- GPU probe
+
+from services.kubestub import node, pod_status  # noqa: E402 - the GPU probe's builders
+from drtool.drill.model import Check, K8sGpuCheck  # noqa: E402
+
+GPU = "amd.com/gpu"
+UNSCHEDULABLE = ("0/3 nodes are available: 1 node(s) had untolerated taint {node-role.kubernetes.io/control-plane: }, "
+                 "2 Insufficient amd.com/gpu. preemption: 0/3 nodes are available: 1 Preemption is not helpful for "
+                 "scheduling, 2 No preemption victims found for incoming pod.")
+
+
+def gpu_scratch(stub: ApiStub) -> tuple[Any, str]:
+    """A scratch and its namespace (as checks._k8s_gpu makes one), the requests log cleared."""
+    k = scratch(stub)
+    ns = k.create_namespace("gpu")
+    stub.requests.clear()
+    return k, ns
+
+
+def test_probe_pod_manifest_is_valid_and_minimal(stub):
+    k = scratch(stub)
+    check = K8sGpuCheck(resource=GPU, probe_image="rocm/rocm-terminal:6.2", probe_command=["rocminfo"], timeout="5m")
+    doc = k.probe_pod_manifest(check, "drtool-drill-immich-drill-gpu-0a1b2c", "drtool-gpu-probe-immich-drill-0a1b2c")
+    validate_k8s(doc)  # official Kubernetes 1.37 schema, unknown fields rejected
+    assert doc == {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "drtool-gpu-probe-immich-drill-0a1b2c", "namespace": "drtool-drill-immich-drill-gpu-0a1b2c",
+                     "labels": {"app.kubernetes.io/managed-by": "drtool", "drtool.dev/drill": "immich-drill"}},
+        "spec": {
+            "restartPolicy": "Never", "activeDeadlineSeconds": 300, "automountServiceAccountToken": False,
+            "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+            "containers": [{"name": "probe", "image": "rocm/rocm-terminal:6.2", "command": ["rocminfo"],
+                            "resources": {"limits": {GPU: "1"}, "requests": {GPU: "1"}},
+                            "terminationMessagePolicy": "FallbackToLogsOnError"}],
+        },
+    }
+    for resource in ("nvidia.com/gpu", "gpu.intel.com/i915", "gpu.intel.com/xe"):
+        validate_k8s(k.probe_pod_manifest(K8sGpuCheck(resource=resource), "ns", "p"))
+    with pytest.raises(kubernetes_validate.ValidationError):  # strict bites: a misspelt field is an error
+        validate_k8s({**doc, "spec": {**doc["spec"], "restartpolicy": "Never"}})
+
+
+def test_gpu_stub_fixtures_are_valid_kubernetes_objects(stub):
+    """The Nodes and Pod statuses the stub serves are real Kubernetes shapes."""
+    validate_k8s(node("gpu-1", {GPU: "1"}))
+    validate_k8s(node("cpu-1", {}))
+    pod = scratch(stub).probe_pod_manifest(K8sGpuCheck(resource=GPU), "ns", "p")
+    for st in (pod_status("Pending"), pod_status("Pending", unschedulable=UNSCHEDULABLE),
+               pod_status("Pending", waiting=("ImagePullBackOff", 'Back-off pulling image "busybox:1.36"')),
+               pod_status("Running"), pod_status("Succeeded"), pod_status("Failed", exit_code=2, message="no /dev/kfd")):
+        validate_k8s({**pod, "status": st})
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_k8s({**pod, "status": {**pod_status("Running"), "phse": "Running"}})
+
+
+def test_gpu_probe_passes_and_makes_exactly_the_expected_calls(stub):
+    stub.nodes = [node("cpu-1", {}), node("gpu-1", {GPU: "1"})]
+    stub.pod_script = [pod_status("Pending"), pod_status("Running"), pod_status("Succeeded")]
+    k, ns = gpu_scratch(stub)
+    check = K8sGpuCheck(resource=GPU, timeout="10s")
+    ok, msg, detail = k.gpu_probe(check, ns, poll=0.01)
+
+    assert ok, msg
+    name = detail["pod"]
+    assert name.startswith("drtool-gpu-probe-immich-drill-") and len(name) <= 63
+    assert msg.startswith(f"1 node(s) advertise {GPU} (gpu-1); probe pod {ns}/{name} Succeeded on node gpu-1 after ")
+    assert detail["advertising"] == {"gpu-1": "1"} and detail["nodes"] == ["cpu-1", "gpu-1"]
+    assert (detail["phase"], detail["node"], detail["namespace"], detail["polls"]) == ("Succeeded", "gpu-1", ns, 3)
+    assert 0 <= detail["seconds"] < 5
+    manifest = k.probe_pod_manifest(check, ns, name)
+    assert stub.requests == [
+        ("GET", "/api/v1/nodes", None),
+        ("POST", f"/api/v1/namespaces/{ns}/pods", manifest),
+        ("GET", f"/api/v1/namespaces/{ns}/pods/{name}", None),
+        ("GET", f"/api/v1/namespaces/{ns}/pods/{name}", None),
+        ("GET", f"/api/v1/namespaces/{ns}/pods/{name}", None),
+    ]
+    assert [p["status"]["phase"] for p in stub.served_pods] == ["Pending", "Running", "Succeeded"]
+    for served in [manifest, *stub.served_pods]:  # what we sent, and every pod we read back
+        validate_k8s(served)
+    # the pod lives in the scratch namespace: teardown (the namespace's deletion) is all the cleanup
+    stub.requests.clear()
+    td = k.teardown(wait=5, poll=0.01)
+    assert td["ok"] and td["deleted"] == [ns]
+    assert [m for m, p in stub.calls() if "/pods" in p] == []
+
+
+def test_gpu_probe_without_an_advertising_node_fails_without_creating_a_pod(stub):
+    stub.nodes = [node("cp-1", {}), node("worker-1", {GPU: "0"}), node("worker-2", {"nvidia.com/gpu": "1"})]
+    k, ns = gpu_scratch(stub)
+    ok, msg, detail = k.gpu_probe(K8sGpuCheck(resource=GPU, timeout="10s"), ns, poll=0.01)
+    assert not ok
+    assert msg.startswith(f"0 of 3 node(s) advertise {GPU} (allocatable ≥ 1), 1 needed; nodes: cp-1, worker-1, worker-2")
+    assert "device plugin" in msg
+    assert detail["pod"] is None and detail["advertising"] == {}
+    assert stub.calls() == [("GET", "/api/v1/nodes")] and stub.pods == {}
+
+    # min_nodes: one advertising node is not two
+    stub.nodes = [node("gpu-1", {GPU: "2"}), node("gpu-2", {GPU: "0"})]
+    stub.requests.clear()
+    ok, msg, detail = k.gpu_probe(K8sGpuCheck(resource=GPU, min_nodes=2), ns, poll=0.01)
+    assert not ok and msg.startswith(f"1 of 2 node(s) advertise {GPU} (allocatable ≥ 1), 2 needed: gpu-1 (2); nodes: gpu-1, gpu-2")
+    assert stub.calls() == [("GET", "/api/v1/nodes")]
+
+    stub.nodes = []
+    ok, msg, _ = k.gpu_probe(K8sGpuCheck(resource=GPU), ns, poll=0.01)
+    assert not ok and "0 of 0 node(s)" in msg and "nodes: none at all" in msg
+
+
+def test_gpu_probe_pod_failed_names_the_exit_code(stub):
+    stub.nodes = [node("gpu-1", {GPU: "1"})]
+    stub.pod_script = [pod_status("Pending"), pod_status("Failed", exit_code=1, message="ls: /dev/kfd: No such file or directory\n")]
+    k, ns = gpu_scratch(stub)
+    ok, msg, detail = k.gpu_probe(K8sGpuCheck(resource=GPU, timeout="10s"), ns, poll=0.01)
+    assert not ok
+    name = detail["pod"]
+    assert msg == (f"probe pod {ns}/{name} Failed on node gpu-1: container probe exited with code 1 (Error): "
+                   "'ls: /dev/kfd: No such file or directory'")
+    assert (detail["phase"], detail["node"], detail["polls"]) == ("Failed", "gpu-1", 2)
+    assert len(stub.calls()) == 4  # nodes, create, two GETs
+    for served in stub.served_pods:
+        validate_k8s(served)
+
+
+def test_gpu_probe_pending_past_the_timeout_quotes_the_scheduler(stub):
+    stub.nodes = [node("gpu-1", {GPU: "1"}), node("gpu-2", {GPU: "1"})]
+    stub.pod_script = [pod_status("Pending", unschedulable=UNSCHEDULABLE)]
+    k, ns = gpu_scratch(stub)
+    t0 = time.monotonic()
+    ok, msg, detail = k.gpu_probe(K8sGpuCheck(resource=GPU, timeout="1s"), ns, poll=0.05)
+    assert not ok and 0.9 < time.monotonic() - t0 < 5
+    assert msg == f"probe pod {ns}/{detail['pod']} still Pending after 1s: PodScheduled=False (Unschedulable): {UNSCHEDULABLE!r}"
+    assert "2 Insufficient amd.com/gpu" in msg
+    assert detail["phase"] == "Pending" and detail["node"] is None and detail["polls"] > 2
+    assert stub.pods[(ns, detail["pod"])]["spec"]["activeDeadlineSeconds"] == 1
+    assert [m for m, _ in stub.calls()].count("POST") == 1  # one pod, polled; never re-created
+
+    # scheduled but the image never comes: the waiting reason is named
+    stub.pod_script = [pod_status("Pending", waiting=("ImagePullBackOff", 'Back-off pulling image "busybox:1.36"'))]
+    ok, msg, detail = k.gpu_probe(K8sGpuCheck(resource=GPU, timeout="1s"), ns, poll=0.05)
+    assert not ok and "still Pending on node gpu-1 after 1s: container probe waiting: ImagePullBackOff" in msg
+
+
+def test_gpu_probe_forbidden_nodes_is_a_clear_failure(stub):
+    stub.fail[("GET", "/api/v1/nodes")] = (403, "Forbidden", 'nodes is forbidden: User "system:serviceaccount:drtool:drill" '
+                                           'cannot list resource "nodes" in API group "" at the cluster scope')
+    k, ns = gpu_scratch(stub)
+    ok, msg, detail = k.gpu_probe(K8sGpuCheck(resource=GPU), ns, poll=0.01)
+    assert not ok
+    assert msg.startswith("the drill's service account cannot list nodes: grant get/list on nodes")
+    assert "403 Forbidden" in msg and 'cannot list resource "nodes"' in msg
+    assert "create, get and delete namespaces" not in msg  # the generic namespace/Velero hint would mislead
+    assert detail["pod"] is None and stub.calls() == [("GET", "/api/v1/nodes")]
+
+
+def test_gpu_probe_forbidden_pod_create_and_cancel(stub):
+    stub.nodes = [node("gpu-1", {GPU: "1"})]
+    k, ns = gpu_scratch(stub)
+    stub.fail[("POST", f"/api/v1/namespaces/{ns}/pods")] = (403, "Forbidden", 'pods is forbidden: User "drill" cannot create '
+                                                            f'resource "pods" in API group "" in the namespace "{ns}"')
+    ok, msg, _ = k.gpu_probe(K8sGpuCheck(resource=GPU), ns, poll=0.01)
+    assert not ok and msg.startswith("create GPU probe pod drtool-gpu-probe-immich-drill-")
+    assert "403 Forbidden" in msg and "grant create/get on pods" in msg
+    del stub.fail[("POST", f"/api/v1/namespaces/{ns}/pods")]
+
+    stub.pod_script = [pod_status("Pending", unschedulable=UNSCHEDULABLE)]
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    t0 = time.monotonic()
+    ok, msg, _ = k.gpu_probe(K8sGpuCheck(resource=GPU, timeout="1h"), ns, cancel=cancel, poll=5)
+    assert not ok and time.monotonic() - t0 < 3 and msg.startswith("stopped: the drill was cancelled;")
+    stub.requests.clear()
+    ok, msg, _ = k.gpu_probe(K8sGpuCheck(resource=GPU), ns, cancel=cancel)
+    assert not ok and "cancelled before the GPU probe started" in msg and stub.requests == []
+
+
+def test_k8s_gpu_check_runs_the_probe_in_a_fresh_scratch_namespace(stub, tmp_path):
+    """checks._k8s_gpu (the contract): a step that restored nothing gets a scratch namespace;
+    the probe runs there and teardown removes both."""
+    from drtool.drill.checks import StepContext, run_check
+
+    stub.nodes = [node("gpu-1", {GPU: "1"})]
+    stub.pod_script = [pod_status("Succeeded")]
+    k = scratch(stub)
+    sc = StepContext(None, None, None, None, tmp_path, {}, tmp_path)
+    sc.kube, sc.step = k, "gpu"
+    ok, msg, detail = run_check(Check.model_validate({"k8s-gpu": {"resource": GPU}}), sc)
+    assert ok, msg
+    assert sc.namespaces == k.namespaces and len(k.namespaces) == 1 and detail["namespace"] == k.namespaces[0]
+    assert stub.calls()[:3] == [("POST", "/api/v1/namespaces"), ("GET", "/api/v1/nodes"),
+                                ("POST", f"/api/v1/namespaces/{k.namespaces[0]}/pods")]
+    assert k.teardown(wait=5, poll=0.01)["ok"] and not stub.namespaces

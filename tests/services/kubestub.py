@@ -3,7 +3,7 @@
 No kube-apiserver and no Velero server run on the machines that test drtool. ``ApiStub``
 is a small local HTTP server on 127.0.0.1 that plays the kube-apiserver's REST answers
 for exactly the calls drtool makes (namespaces, Velero Backups and Restores, workload
-lists), recording every request so tests assert the exact calls. It is NOT Kubernetes:
+lists, nodes and the GPU probe pod), recording every request so tests assert the exact calls. It is NOT Kubernetes:
 no admission, no defaulting, no garbage collection, no Velero work. The object builders
 below produce documented shapes; tests validate them against the official schemas.
 """
@@ -16,7 +16,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["ApiStub", "backup", "deployment", "job", "pvc", "statefulset", "VELERO"]
+__all__ = ["ApiStub", "backup", "deployment", "job", "node", "pod_status", "pvc", "statefulset", "VELERO"]
 
 VELERO = "/apis/velero.io/v1/namespaces/velero"
 
@@ -36,6 +36,9 @@ class ApiStub:
       workloads      (namespace or "*", plural) -> successive item lists for its 1st, 2nd, … list (last repeats)
       vanish_after   GETs of a deleted namespace still answered (Terminating) before it is gone (404)
       sticky         namespaces that never go away after DELETE (a stuck finalizer)
+      nodes          the Node objects ``GET /api/v1/nodes`` lists (see ``node()``)
+      pod_script     statuses a created Pod shows on its 1st, 2nd, … GET (the last repeats; see ``pod_status()``)
+      pod_node       the spec.nodeName a Pod shows once its status says it is scheduled
       fail           (method, path) -> (code, reason, message): answer that error instead
     """
 
@@ -55,6 +58,12 @@ class ApiStub:
         self.vanish_after = 1
         self.sticky: set[str] = set()
         self.fail: dict[tuple[str, str], tuple[int, str, str]] = {}
+        self.nodes: list[dict[str, Any]] = []
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pod_script: list[dict[str, Any]] = [pod_status("Pending"), pod_status("Running"), pod_status("Succeeded")]
+        self.pod_gets: dict[tuple[str, str], int] = {}
+        self.served_pods: list[dict[str, Any]] = []
+        self.pod_node = "gpu-1"
         self._rv = 1000
         self._lock = threading.Lock()
         stub = self
@@ -154,6 +163,39 @@ class ApiStub:
                     if name not in self.sticky and self.deleted[name] > self.vanish_after:
                         del self.namespaces[name]
                         return 404, _status(404, "NotFound", f'namespaces "{name}" not found')
+                return 200, obj
+        # core/v1 nodes (cluster-scoped) and pods
+        if parts == ["api", "v1", "nodes"] and method == "GET":
+            items = [{k: v for k, v in copy.deepcopy(n).items() if k not in ("apiVersion", "kind")} for n in self.nodes]
+            return 200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (5, 6) and parts[4] == "pods":
+            ns = parts[3]
+            if method == "POST" and len(parts) == 5:
+                if ns not in self.namespaces:
+                    return 404, _status(404, "NotFound", f'namespaces "{ns}" not found')
+                if ns in self.deleted:
+                    return 403, _status(403, "Forbidden", f'pods "{body["metadata"]["name"]}" is forbidden: unable to create new '
+                                        f"content in namespace {ns} because it is being terminated")
+                pname = body["metadata"]["name"]
+                if (ns, pname) in self.pods:
+                    return 409, _status(409, "AlreadyExists", f'pods "{pname}" already exists')
+                obj = {**copy.deepcopy(body), "metadata": self._meta(body["metadata"], ns),
+                       "status": {"phase": "Pending", "qosClass": "BestEffort"}}
+                self.pods[(ns, pname)] = obj
+                return 201, obj
+            if method == "GET" and len(parts) == 6:
+                pname = parts[5]
+                if (ns, pname) not in self.pods:
+                    return 404, _status(404, "NotFound", f'pods "{pname}" not found')
+                i = self.pod_gets.get((ns, pname), 0)
+                self.pod_gets[(ns, pname)] = i + 1
+                status = copy.deepcopy(self.pod_script[min(i, len(self.pod_script) - 1)])
+                obj = copy.deepcopy(self.pods[(ns, pname)])
+                obj["status"] = status
+                scheduled = any(c.get("type") == "PodScheduled" and c.get("status") == "True" for c in status.get("conditions") or [])
+                if scheduled and self.pod_node:
+                    obj["spec"]["nodeName"] = self.pod_node
+                self.served_pods.append(copy.deepcopy(obj))
                 return 200, obj
         # workload lists
         kinds = {("api", "v1", "persistentvolumeclaims"): "PersistentVolumeClaimList",
@@ -255,3 +297,72 @@ def job(name: str, condition: str | None) -> dict[str, Any]:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
             "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": name, "image": "busybox:1.36"}]}}},
             "status": status}
+
+
+def node(name: str, allocatable: dict[str, str]) -> dict[str, Any]:
+    """A Ready Node whose allocatable (and capacity) include ``allocatable`` (e.g. {"amd.com/gpu": "1"})."""
+    base = {"cpu": "8", "memory": "32812548Ki", "pods": "110", "ephemeral-storage": "95491020Ki"}
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                                                   "kubernetes.io/arch": "amd64"}},
+            "spec": {"podCIDR": "10.244.1.0/24"},
+            "status": {"capacity": {**base, **allocatable}, "allocatable": {**base, **allocatable},
+                       "addresses": [{"type": "InternalIP", "address": "192.168.10.21"}, {"type": "Hostname", "address": name}],
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                       "message": "kubelet is posting ready status",
+                                       "lastHeartbeatTime": "2026-11-27T09:29:50Z", "lastTransitionTime": "2026-11-20T08:00:00Z"}]}}
+
+
+def pod_status(phase: str, *, exit_code: int | None = None, reason: str | None = None, message: str | None = None,
+               unschedulable: str | None = None, waiting: tuple[str, str] | None = None, container: str = "probe",
+               image: str = "busybox:1.36") -> dict[str, Any]:
+    """A Pod status as the kubelet/scheduler report it.
+
+    Pending: not yet looked at (nothing else); ``unschedulable``: PodScheduled=False with that
+    scheduler message; ``waiting=(reason, message)``: scheduled, the container waiting (image pull).
+    Running: the container running and ready. Succeeded / Failed: the container terminated
+    with ``exit_code`` (0 / 1 unless given), ``reason`` (Completed / Error) and ``message``."""
+    t = "2026-11-27T09:30:0{}Z"
+    st: dict[str, Any] = {"phase": phase, "qosClass": "BestEffort"}
+    if phase == "Pending" and unschedulable is not None:
+        st["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable,
+                             "lastProbeTime": None, "lastTransitionTime": t.format(2)}]
+        return st
+    if phase == "Pending" and waiting is None:
+        return st
+    done = phase in ("Succeeded", "Failed")
+    running = phase == "Running"
+    cs: dict[str, Any] = {"name": container, "image": f"docker.io/library/{image}", "imageID": "", "ready": running,
+                          "restartCount": 0, "started": running}
+    if phase == "Pending":
+        assert waiting is not None
+        cs["state"] = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
+    elif running:
+        cs["state"] = {"running": {"startedAt": t.format(4)}}
+        cs["containerID"] = "containerd://" + "ab" * 32
+    else:
+        term: dict[str, Any] = {"exitCode": (0 if phase == "Succeeded" else 1) if exit_code is None else exit_code,
+                                "reason": reason or ("Completed" if phase == "Succeeded" else "Error"),
+                                "startedAt": t.format(4), "finishedAt": t.format(6), "containerID": "containerd://" + "ab" * 32}
+        if message:
+            term["message"] = message
+        cs["state"] = {"terminated": term}
+        cs["containerID"] = term["containerID"]
+        cs["imageID"] = f"docker.io/library/{image}@sha256:" + "0f" * 32
+    if running or done:
+        cs["imageID"] = f"docker.io/library/{image}@sha256:" + "0f" * 32
+    ready = "True" if running else "False"
+    st["conditions"] = [
+        {"type": "PodReadyToStartContainers", "status": "False" if done else "True", "lastProbeTime": None,
+         "lastTransitionTime": t.format(3)},
+        {"type": "Initialized", "status": "True", "lastProbeTime": None, "lastTransitionTime": t.format(2)},
+        {"type": "Ready", "status": ready, "lastProbeTime": None, "lastTransitionTime": t.format(5),
+         **({} if running else {"reason": "PodCompleted" if done else "ContainersNotReady"})},
+        {"type": "ContainersReady", "status": ready, "lastProbeTime": None, "lastTransitionTime": t.format(5),
+         **({} if running else {"reason": "PodCompleted" if done else "ContainersNotReady"})},
+        {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": t.format(2)},
+    ]
+    st.update(hostIP="192.168.10.21", hostIPs=[{"ip": "192.168.10.21"}], startTime=t.format(2), containerStatuses=[cs])
+    if running or done:
+        st.update(podIP="10.244.1.17", podIPs=[{"ip": "10.244.1.17"}])
+    return st
