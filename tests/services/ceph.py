@@ -19,6 +19,14 @@ dir (on tmpfs ``/dev/shm`` when there is one: the mon's RocksDB syncs):
    The mgr gets a module path of its own: the modules asked for (``rbd_support``)
    and a stub for each other always-on module (a missing one is a HEALTH_ERR);
    importing all of Pacific's ~30 took 13-17 s of a 17 s start on a busy 2-core box.
+   ``volumes`` (``ceph fs subvolume …``) is a stub by default: ``CephCluster(volumes=
+   True)`` loads the real one (with ``orchestrator``, which it imports) from the start,
+   ``enable_volumes()`` swaps it in on a running cluster (the mgr re-executes itself
+   after ``ceph mgr fail``), so only the tests that use subvolumes pay for it.
+   Measured, three starts each, on an idle 2-core box: default 2.4-2.6 s to ready,
+   with volumes 3.5-3.8 s plus ~0.5 s for the first subvolume command (the module's
+   own start), ``enable_volumes()`` 3.3-3.9 s; on the same box busy (load 3-4): 5.7-6.4
+   s, 7.9-9.8 s + 1.0-1.8 s, 5-10 s. Hence off by default.
 5. ``ceph status`` is polled until health is OK (or WARN with only acceptable checks),
    the OSD is up, the mgr available, the CephFS rank active and every PG active+clean.
 
@@ -61,15 +69,17 @@ ACCEPTABLE_WARNINGS = frozenset({
     "MON_DISK_LOW",  # a nearly full /dev/shm is the host's business, not the test's
 })
 MGR_MODULE_PATH = Path("/usr/share/ceph/mgr")
-# rbd_support serves `rbd task`/`rbd perf`/trash-purge schedules; add "volumes" and
-# "orchestrator" (which volumes imports) for `ceph fs subvolume …` commands.
+# rbd_support serves `rbd task`/`rbd perf`/trash-purge schedules; VOLUMES_MODULES
+# ("volumes" and "orchestrator", which volumes imports) serve `ceph fs subvolume …`.
 DEFAULT_MGR_MODULES = ("rbd_support",)
+VOLUMES_MODULES = ("volumes", "orchestrator")
 # Pacific's always-on modules (the mon's list): a missing one is a HEALTH_ERR
 # (MGR_MODULE_ERROR "Not found or unloadable"), so those not in ``mgr_modules`` get a stub.
 ALWAYS_ON_MODULES = ("balancer", "crash", "devicehealth", "orchestrator", "pg_autoscaler", "progress",
                      "rbd_support", "status", "telemetry", "volumes")
 STUB_MODULE = '''"""A stub (tests/services/ceph.py): an always-on mgr module this test cluster skips
-to start quickly; pass its name in CephCluster(mgr_modules=...) for the real one."""
+to start quickly; pass its name in CephCluster(mgr_modules=...) for the real one
+(volumes: CephCluster(volumes=True) or enable_volumes())."""
 from mgr_module import MgrModule
 
 
@@ -151,6 +161,11 @@ osd op num threads per shard = 1
 [mds]
 {daemon}
 mds cache memory limit = 67108864
+# Reading a file in a fresh CephFS snapshot that a client changed after it was taken
+# waits for the MDS to finish that inode's snap flush, which moves on the MDS tick (5 s
+# by default): a test that snapshots, changes the live tree and reads the snapshot at
+# once stalled 5-15 s; with 1 s ticks, ~1 s.
+mds tick interval = 1
 
 [client]
 log file = /dev/null
@@ -177,7 +192,8 @@ class CephCluster:
     module docstring. ``conf``/``keyring`` are what a client (``rbd -c CONF --keyring
     KEYRING``) needs; ``make_pool(prefix)`` gives a fresh RBD pool."""
 
-    def __init__(self, *, memstore_mb: int = 1024, mds: bool = True, mgr_modules: tuple[str, ...] = DEFAULT_MGR_MODULES) -> None:
+    def __init__(self, *, memstore_mb: int = 1024, mds: bool = True, mgr_modules: tuple[str, ...] = DEFAULT_MGR_MODULES,
+                 volumes: bool = False) -> None:
         missing = [b for b in BINARIES + (("ceph-mds",) if mds else ()) if shutil.which(b) is None]
         if missing:
             raise CephUnavailable(f"missing {', '.join(sorted(set(missing)))} "
@@ -185,7 +201,7 @@ class CephCluster:
         if os.geteuid() != 0:
             raise CephUnavailable("not root: the Ceph test cluster runs its daemons as root")
         self.memstore_mb = memstore_mb
-        self.mgr_modules = tuple(mgr_modules)
+        self.mgr_modules = tuple(mgr_modules) + tuple(m for m in VOLUMES_MODULES if volumes and m not in mgr_modules)
         self.with_mds = mds
         self.root: Path | None = None
         self.fsid = ""
@@ -412,6 +428,47 @@ class CephCluster:
         if res.returncode != 0:
             raise RuntimeError(f"rbd {' '.join(args)} failed ({res.returncode}): {res.stderr.decode(errors='replace')[-800:]}")
         return res
+
+    @property
+    def has_volumes(self) -> bool:
+        return all(m in self.mgr_modules for m in VOLUMES_MODULES)
+
+    def enable_volumes(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Load the real mgr ``volumes`` module (and ``orchestrator``) into the running
+        mgr, if it has stubs: the stubs' links are swapped for the real modules and
+        ``ceph mgr fail`` makes the mgr re-execute itself (same PID) and import them;
+        returns once ``ceph fs subvolume ls`` answers. Idempotent; the time it took is in
+        ``timings["enable_volumes"]``."""
+        assert self.root is not None, "start() first"
+        if self.has_volumes:
+            return
+        t0 = time.monotonic()
+        into = self.root / "mgr-modules"
+        for name in VOLUMES_MODULES:
+            if (into / name).is_symlink():
+                continue
+            shutil.rmtree(into / name)
+            (into / name).symlink_to(MGR_MODULE_PATH / name)
+        self.mgr_modules += tuple(m for m in VOLUMES_MODULES if m not in self.mgr_modules)
+        self.ceph("mgr", "fail", "x")
+        deadline = time.monotonic() + timeout
+        why = ""
+        while time.monotonic() < deadline:
+            mgr = self.procs.get("mgr.x")
+            if mgr is not None and mgr.poll() is not None:
+                raise RuntimeError(f"mgr.x exited {mgr.returncode} while reloading its modules: {self.log_tail('mgr.x')}")
+            try:  # answers once the new mgr is active with its modules loaded
+                self.ceph("fs", "subvolume", "ls", "cephfs" if self.with_mds else "none", timeout=30)
+                self.timings["enable_volumes"] = time.monotonic() - t0
+                return
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                why = str(e)
+                if not self.with_mds and "ENOENT" in why:  # the module answered: no fs is fine
+                    self.timings["enable_volumes"] = time.monotonic() - t0
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"the mgr volumes module did not answer in {timeout:.0f}s: {why[-300:]}\n"
+                           f"{self.log_tail('mgr.x')}")
 
     def make_pool(self, prefix: str = "rbd") -> str:
         """A fresh replicated pool (size 1, 8 PGs) named ``prefix-N-xxxx``, initialised for RBD."""
