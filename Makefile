@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /var/tmp/drtool-demo
 
-.PHONY: install test demo docs bench bench-zfs bench-parity bench-upload bench-platform bench-drill clean-demo
+.PHONY: install test demo docs bench bench-zfs bench-rbd bench-parity bench-upload bench-platform bench-drill clean-demo
 
 install:
 	@scripts/install-deps.sh
@@ -22,6 +22,9 @@ bench: install
 
 bench-zfs: install
 	$(PY) bench/zfs_replication.py
+
+bench-rbd: install
+	$(PY) bench/rbd_replication.py
 
 bench-parity: install
 	$(PY) bench/parity_overhead.py
