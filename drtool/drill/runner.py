@@ -283,7 +283,11 @@ class _Runner:
                     break
                 done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
                 for f in done:
-                    running.pop(f)
+                    name = running.pop(f)
+                    exc = f.exception()
+                    if exc is not None:  # a bug, not a DrtoolError: the step failed, never silently passed
+                        res = self.results[name]
+                        res.status, res.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
                 now = time.monotonic()
                 over = [n for n in running.values() if self.results[n].start_s is not None
                         and now - self.t0 - self.results[n].start_s > step_limit[n]]
@@ -370,8 +374,8 @@ class _Runner:
         ages = [s.point_age_s for s in steps if s.point_age_s is not None]
         out.rpo_s = max(ages) if ages else None
         for s in steps:
-            if s.status in ("failed", "skipped"):
-                out.reasons.append(f"step {s.name} {s.status}: {s.message}")
+            if s.status not in ("passed", "partial"):  # failed, skipped, or never finished
+                out.reasons.append(f"step {s.name} {s.status}: {s.message or 'it did not finish'}")
         if out.rto_s is not None and out.rto_s > out.rto_target_s:
             out.reasons.append(f"RTO exceeded: the restores took {format_duration_s(out.rto_s)}, the target is {self.drill.targets.rto}")
         if out.rpo_s is not None and out.rpo_s > out.rpo_target_s:

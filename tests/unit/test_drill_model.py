@@ -68,3 +68,29 @@ def test_a_gpu_inference_check_is_chat_or_embeddings(tmp_path):
     text = GOOD.replace("checks: [{vault: {}}]", 'checks: [{gpu-inference: {url: "http://x/v1", model: m}}]')
     errs = _errors(tmp_path, text)
     assert any("give either 'prompt' (chat) or 'embedding_input'" in e for e in errs), errs
+
+
+def test_a_step_that_crashes_fails_the_drill_never_passes(tmp_path, monkeypatch):
+    """An unexpected exception inside a step (a bug, not a DrtoolError) is a failed step
+    with its reason, and the drill's verdict is fail."""
+    from types import SimpleNamespace
+
+    from drtool.catalog.store import Catalog
+    from drtool.drill import runner
+    from drtool.drill.model import Drill
+
+    drill = Drill.model_validate({"name": "crash", "targets": {"rto": "1h", "rpo": "1d"},
+                                  "steps": [{"name": "boom", "checks": [{"command": {"argv": ["true"]}}]}]})
+
+    def boom(self, step):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(runner._Runner, "step", boom)
+    from datetime import datetime, timezone
+
+    ctx = SimpleNamespace(state_dir=tmp_path, now=lambda: datetime.now(timezone.utc), cfg=SimpleNamespace(),
+                          catalog=Catalog.open(f"sqlite:///{tmp_path}/c.db"), warm_catalog=lambda: None)
+    out = runner.run_drill(ctx, drill, "crash.yaml")
+    assert out.verdict == "fail" and out.exit_code == 1
+    assert out.steps[0].status == "failed" and "internal error: KeyError" in out.steps[0].message
+    assert any("step boom failed" in r for r in out.reasons)
