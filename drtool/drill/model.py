@@ -15,6 +15,23 @@ from ..policy.models import Duration, Name, Strict
 POINT_HINT = "latest, latest-verified, random, or a point id"
 
 
+def http_url(v: str) -> str:
+    """An http(s) URL with a host, or a ValueError that says so."""
+    if not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError(f"url {v!r} is not an http(s) URL")
+    return v
+
+
+def regex(v: str | None, field: str) -> str | None:
+    """A regular expression that compiles, or a ValueError naming the field."""
+    if v is not None:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"{field} is not a valid regular expression: {exc}") from None
+    return v
+
+
 class Targets(Strict):
     """What the drill must achieve: both are compared with the measured values."""
 
@@ -61,22 +78,8 @@ class HttpCheck(Strict):
     body_regex: str | None = Field(None, description="A regular expression the body must match.", examples=["ok|healthy"])
     latency_ms: int | None = Field(None, ge=1, description="The latency budget in milliseconds.", examples=[500])
 
-    @field_validator("body_regex")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"body_regex is not a valid regular expression: {exc}") from None
-        return v
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"url {v!r} is not an http(s) URL")
-        return v
+    _url = field_validator("url")(lambda cls, v: http_url(v))
+    _regex = field_validator("body_regex")(lambda cls, v: regex(v, "body_regex"))
 
 
 class CommandCheck(Strict):
@@ -86,6 +89,8 @@ class CommandCheck(Strict):
     expect_exit: int = Field(0, description="The exit code that means success.")
     stdout_regex: str | None = Field(None, description="A regular expression stdout must match.")
     timeout: Duration = Field("10m", description="Killed (and failed) after this long.")
+
+    _regex = field_validator("stdout_regex")(lambda cls, v: regex(v, "stdout_regex"))
 
 
 class GpuComputeCheck(Strict):
@@ -114,22 +119,8 @@ class GpuInferenceCheck(Strict):
     min_similarity: float = Field(0.99, ge=-1, le=1, description="embeddings: the lowest cosine similarity to the golden vector.")
     latency_ms: int | None = Field(None, ge=1, description="The latency budget in milliseconds.")
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"url {v!r} is not an http(s) URL")
-        return v.rstrip("/")
-
-    @field_validator("expect_regex")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"expect_regex is not a valid regular expression: {exc}") from None
-        return v
+    _url = field_validator("url")(lambda cls, v: http_url(v).rstrip("/"))
+    _regex = field_validator("expect_regex")(lambda cls, v: regex(v, "expect_regex"))
 
     @model_validator(mode="after")
     def _mode(self) -> "GpuInferenceCheck":

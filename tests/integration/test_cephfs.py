@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import missing, require
 
 from drtool.backends import cephfs
 from drtool.backends.cephfs import (
@@ -418,7 +418,7 @@ def test_hung_dead_mount_does_not_hang_the_next_mount(conn, tmp_path):
     fd = _steal_fuse_fd(first.proc.pid)
     if fd is None:
         first.unmount()
-        pytest.skip("pidfd_getfd(2) is not allowed here: cannot hold a FUSE connection open")
+        missing("pidfd_getfd", "pidfd_getfd(2) is not allowed here: cannot hold a FUSE connection open")
     try:
         first.proc.proc.kill()
         first.proc.proc.wait()
