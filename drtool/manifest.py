@@ -107,6 +107,11 @@ def sample(paths: list[str], k: int, rng: random.Random | None = None) -> list[E
     return out
 
 
+def rebase(entries: list[Entry], root: str | os.PathLike) -> list[Entry]:
+    """Entries with paths from ``root`` ("/a/b"), as restic stores a backup of ``.`` run in ``root``."""
+    return [Entry("/" + os.path.relpath(e.path, root), e.size, e.mtime_ns, e.blake3) for e in entries]
+
+
 def still_valid(entries: list[Entry]) -> list[Entry]:
     """Entries whose file is unchanged since it was hashed."""
     keep = []

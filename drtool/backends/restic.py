@@ -173,12 +173,22 @@ class ResticRepository:
                             lk["id"][:8], self.name, lk.get("pid"), host, lk.get("time"))
         return stale
 
-    def backup(self, paths: list[str], *, policy: str, leg: str, excludes: Iterable[str] = (), progress: ProgressFn | None = None) -> BackupResult:
+    def backup(self, paths: list[str], *, policy: str, leg: str, excludes: Iterable[str] = (), progress: ProgressFn | None = None,
+               cwd: str | os.PathLike | None = None, time: datetime | None = None, parent: str | None = None,
+               tags: Iterable[str] = ()) -> BackupResult:
+        """``cwd`` + ``paths=["."]`` stores the directory's content at the snapshot's root
+        (a CephFS snapshot: restored without the mount's path); ``time``: the snapshot's
+        time when the data is older than now (a file-system snapshot's creation);
+        ``parent``: the snapshot to compare with (restic picks one by equal paths)."""
         # drtool sets the snapshot time (what restic would use: the start of the backup)
         # so that a local repository's new point is known without listing it again.
-        started = datetime.now(timezone.utc).replace(microsecond=0)
+        started = (time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(microsecond=0)
         args = ["backup", "--json", "--time", started.strftime("%Y-%m-%d %H:%M:%S"),
                 "--tag", OWNER_TAG, "--tag", policy_tag(policy), "--tag", leg_tag(leg)]
+        for tag in tags:
+            args += ["--tag", tag]
+        if parent:
+            args += ["--parent", parent]
         for pattern in excludes:
             args += ["--exclude", pattern]
         args += ["--", *paths]
@@ -201,7 +211,7 @@ class ResticRepository:
             elif kind == "status" and progress:
                 progress(msg)
 
-        res = self._run(args, on_stdout_line=on_line, check=False, env={"TZ": "UTC"})  # --time is read in restic's local zone
+        res = self._run(args, on_stdout_line=on_line, check=False, env={"TZ": "UTC"}, cwd=cwd)  # --time is read in restic's local zone
         if res.outcome is ex.Outcome.PARTIAL:
             raise BackendError(
                 f"restic backup to {self.name} could not read all source files (exit 3); "
@@ -213,7 +223,7 @@ class ResticRepository:
         short = summary.get("snapshot_id")
         if not short:
             raise BackendError(f"restic backup to {self.name} exited 0 but reported no snapshot id: {res.stderr_tail(3)}")
-        point = self._local_point(short, started, paths, policy, leg)
+        point = self._local_point(short, started, [os.path.join(cwd, p) if cwd else p for p in paths], policy, leg, tags)
         if point is None:
             points = [p for p in self.list_points(policy=policy, leg=leg) if p.id.startswith(short)]
             if len(points) != 1:
@@ -227,7 +237,7 @@ class ResticRepository:
             warnings=errors,
         )
 
-    def _local_point(self, short: str, time: datetime, paths: list[str], policy: str, leg: str) -> RecoveryPoint | None:
+    def _local_point(self, short: str, time: datetime, paths: list[str], policy: str, leg: str, extra_tags: Iterable[str] = ()) -> RecoveryPoint | None:
         """The new snapshot of a local repository, found by its file name (its full id)."""
         if not self.local_path:
             return None
@@ -237,7 +247,7 @@ class ResticRepository:
             return None
         if len(ids) != 1:
             return None
-        tags = [OWNER_TAG, policy_tag(policy), leg_tag(leg)]
+        tags = [OWNER_TAG, policy_tag(policy), leg_tag(leg), *extra_tags]
         return RecoveryPoint(id=ids[0], time=time, location=self.name, policy=policy, leg=leg, paths=tuple(os.path.normpath(p) for p in paths),
                              meta={"short_id": short, "hostname": socket.gethostname(), "tags": tags, "owned": True})
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from ..policy.models import Leg, Policy
 from .base import LegDriver, LegOutcome
+from .cephfs_legs import CephFsSnapshotLeg
 from .parity import SnapraidParityLeg
 from .rbd_legs import RbdReplicateLeg, RbdSnapshotLeg
 from .restic_backup import ResticBackupLeg
@@ -24,6 +25,7 @@ DRIVERS: dict[tuple[str, str], type[LegDriver]] = {
     ("upload", "s3"): UploadLeg,
     ("snapshot", "ceph-rbd"): RbdSnapshotLeg,
     ("replicate", "ceph-rbd"): RbdReplicateLeg,
+    ("snapshot", "cephfs"): CephFsSnapshotLeg,
 }
 
 

@@ -15,6 +15,7 @@ from ..backends.base import RecoveryPoint, Repository
 from ..errors import DrtoolError, UsageError
 from ..phases import RunPhase
 from .base import LegDriver, LegOutcome
+from .cephfs_legs import SNAP_TAG, backup_snapshot
 
 
 class ResticBackupLeg(LegDriver):
@@ -29,7 +30,16 @@ class ResticBackupLeg(LegDriver):
 
         return platform_source(self)  # type: ignore[arg-type]
 
+    def _cephfs(self) -> Any:
+        loc = self.ctx.cfg.location(self.policy.source.location)
+        return loc if getattr(loc, "type", "") == "cephfs" else None
+
     def describe(self) -> str:
+        fs = self._cephfs()
+        if fs is not None:
+            has_snap = any(leg.kind == "snapshot" for leg in self.policy.legs)
+            which = "the newest snapshot of the snapshot leg" if has_snap else "a snapshot taken for the backup (removed afterwards)"
+            return f"would back up {which} of {fs.tree} to {self.leg.to} ({self.ctx.cfg.location(self.leg.to).repository})"  # type: ignore[arg-type,attr-defined]
         plat = self._platform()
         if plat is not None:
             return f"would back up {plat.what} to {self.leg.to} ({self.ctx.cfg.location(self.leg.to).repository})"  # type: ignore[arg-type,attr-defined]
@@ -37,6 +47,8 @@ class ResticBackupLeg(LegDriver):
         return f"would back up {', '.join(self.policy.source.paths)} to {self.leg.to} ({self.ctx.cfg.location(self.leg.to).repository})"  # type: ignore[arg-type,attr-defined]
 
     def run(self, rec: Any) -> LegOutcome:
+        if self._cephfs() is not None:
+            return self._run_cephfs(rec)
         plat = self._platform()
         if plat is None:
             return self._run_paths(rec, self.policy.source.paths, {})
@@ -52,7 +64,19 @@ class ResticBackupLeg(LegDriver):
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _run_paths(self, rec: Any, paths: list[str], extra: dict[str, Any]) -> LegOutcome:
+    def _run_cephfs(self, rec: Any) -> LegOutcome:
+        """Back up a CephFS snapshot (never the live tree): restic runs in the snapshot's
+        directory on ``.``; the point's time is the snapshot's, its tag names it."""
+        self.repo.ensure_ready(create=getattr(self.ctx.cfg.location(self.leg.to), "init", False))  # type: ignore[arg-type]
+        with backup_snapshot(self) as (snapdir, info, when):
+            prev = [p for p in self.points() if any(t.startswith(SNAP_TAG) for t in p.meta.get("tags") or ())]
+            return self._run_paths(rec, [str(snapdir)], info, root=snapdir, time=when,
+                                   parent=prev[-1].id if prev else None, tags=[SNAP_TAG + info["cephfs_snapshot"]])
+
+    def _run_paths(self, rec: Any, paths: list[str], extra: dict[str, Any], *, root: Path | None = None,
+                   time: Any = None, parent: str | None = None, tags: tuple[str, ...] | list[str] = ()) -> LegOutcome:
+        """``root``: back up that directory's content at the snapshot's root (``paths``
+        is ``[root]``; the manifest's paths are from the root, as restic stores them)."""
         manifest.check_source(paths)
         repo = self.repo
         repo.ensure_ready(create=getattr(self.ctx.cfg.location(self.leg.to), "init", False))  # type: ignore[arg-type]
@@ -61,7 +85,9 @@ class ResticBackupLeg(LegDriver):
             def progress(msg: dict[str, Any]) -> None:
                 task.update(completed=msg.get("bytes_done", 0), total=msg.get("total_bytes"))
 
-            backup = pool.submit(repo.backup, paths, policy=self.policy.name, leg=name, excludes=self.leg.exclude, progress=progress)
+            where: dict[str, Any] = {"cwd": root, "time": time, "parent": parent, "tags": tags} if root is not None else {}
+            backup = pool.submit(repo.backup, ["."] if root is not None else paths, policy=self.policy.name, leg=name,
+                                 excludes=self.leg.exclude, progress=progress, **where)
             # While restic reads the source: open the catalog and record the run, then hash
             # a sample of files for the manifest (each re-checked unchanged after the backup).
             rec.start()
@@ -72,10 +98,14 @@ class ResticBackupLeg(LegDriver):
         warnings = list(out.warnings)
         if len(kept) < len(sample):
             warnings.append(f"{len(sample) - len(kept)} sampled file(s) changed during the backup and were left out of the manifest")
+        if root is not None:
+            kept = manifest.rebase(kept, root)
         if every is not None:
             whole = manifest.still_valid(every)
             if len(whole) < len(every):
                 warnings.append(f"{len(every) - len(whole)} file(s) changed during the backup and were left out of the full manifest")
+            if root is not None:
+                whole = manifest.rebase(whole, root)
             mfile = full_manifest_path(self.ctx, self.policy.name, self.leg.leg_name, out.point.id)
             manifest.write_file(mfile, whole)
             extra = {**extra, "manifest_file": str(mfile), "manifest_files": len(whole)}

@@ -211,6 +211,10 @@ def _source_issue(stype: str | None, loc: Any, source: Any) -> tuple[str, str] |
             return ".dataset", f"dataset {ds!r} is not under the location's dataset {root!r}"
     if stype == "ceph-rbd" and not source.get("image"):
         return ".image", "a ceph-rbd source needs 'image': the RBD image to protect, e.g. csi-vol-3f2a"
+    if stype == "cephfs":
+        extra = [k for k in ("path", "dataset", "image") if source.get(k) is not None]
+        if extra:
+            return f".{extra[0]}", f"a cephfs source is the location's tree (its 'path' or 'subvolume'): remove '{extra[0]}'"
     if stype in ("vault", "talos"):
         extra = [k for k in ("path", "dataset") if source.get(k) is not None]
         if extra:
@@ -358,9 +362,9 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                     continue
                 ttype = loc_type(to)
                 allowed = supported_types.get(str(kind), ())
-                platform_src = isinstance(src_name, str) and loc_type(src_name) in ("vault", "talos")
-                if kind == "backup" and isinstance(src_name, str) and loc_type(src_name) not in (None, "filesystem", "snapraid", "vault", "talos"):
-                    issues.append(Issue(str(f), line, dotted, f"backup legs read files, a Vault or an etcd: the source must be a filesystem or snapraid location with 'path', or a vault or talos location (this one is {loc_type(src_name)})"))
+                platform_src = isinstance(src_name, str) and loc_type(src_name) in ("vault", "talos", "cephfs")
+                if kind == "backup" and isinstance(src_name, str) and loc_type(src_name) not in (None, "filesystem", "snapraid", "vault", "talos", "cephfs"):
+                    issues.append(Issue(str(f), line, dotted, f"backup legs read files, a CephFS snapshot, a Vault or an etcd: the source must be a filesystem or snapraid location with 'path', or a cephfs, vault or talos location (this one is {loc_type(src_name)})"))
                 elif kind == "backup" and not platform_src and isinstance(source, CommentedMap) and not source.get("path"):
                     issues.append(Issue(str(f), line, dotted, "backup legs read files: give the source a 'path' (the directories to back up)"))
                 elif kind == "upload" and isinstance(source, CommentedMap) and not source.get("path") and not (

@@ -207,6 +207,64 @@ class CephRbdLocation(LocationBase):
         return v
 
 
+class CephFsLocation(LocationBase):
+    """A CephFS tree: a directory of the file system (``path``) or a subvolume (``subvolume``,
+    optionally in a ``group``). Snapshot legs snapshot it in place; backup legs back up a
+    snapshot of it with restic (point-in-time consistent)."""
+
+    type: Literal["cephfs"] = Field(description="Location type.")
+    fs: str = Field("cephfs", description="The CephFS file system's name.", examples=["cephfs"],
+                    pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: str | None = Field(None, description="The directory to protect, from the file system's root (default: the root). "
+                             "Not with 'subvolume'.", examples=["/shares/photos"])
+    subvolume: str | None = Field(None, description="A subvolume (mgr volumes module) to protect instead of a path: its "
+                                  "snapshots are made with 'ceph fs subvolume snapshot create'.", examples=["csi-vol-9c1e"],
+                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    group: str | None = Field(None, description="The subvolume's group (default: the ungrouped '_nogroup').", examples=["csi"],
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    conf: str = Field("/etc/ceph/ceph.conf", description="The cluster's ceph.conf (absolute path).", examples=["/etc/ceph/ceph.conf"])
+    keyring: str | None = Field(None, description="The client's keyring file (absolute path, readable only by drtool's user). "
+                                "Default: what ceph.conf says.", examples=["/etc/ceph/ceph.client.drtool.keyring"])
+    client_id: str = Field("admin", description="The cephx client id (its mds caps need the 's' flag to snapshot a path).",
+                           examples=["drtool"])
+
+    sample_name: ClassVar[str] = "cephfs"
+
+    @field_validator("conf", "keyring")
+    @classmethod
+    def _abs(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is a relative path: write an absolute path")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _fs_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = [p for p in v.split("/") if p]
+        if not v.startswith("/"):
+            raise ValueError(f"path {v!r} is relative: write it from the file system's root, e.g. /shares/photos")
+        if any(p in ("..", ".", ".snap") for p in parts):
+            raise ValueError(f"path {v!r} contains '.', '..' or '.snap': name the directory itself")
+        return "/" + "/".join(parts)
+
+    @model_validator(mode="after")
+    def _one_tree(self) -> "CephFsLocation":
+        if self.subvolume is not None and self.path is not None:
+            raise ValueError("give 'path' (a directory) or 'subvolume' (with its 'group'), not both")
+        if self.group is not None and self.subvolume is None:
+            raise ValueError("'group' names a subvolume's group: give 'subvolume' too")
+        return self
+
+    @property
+    def tree(self) -> str:
+        """What is protected, for messages."""
+        if self.subvolume is not None:
+            return f"subvolume {self.group + '/' if self.group else ''}{self.subvolume} of CephFS {self.fs!r}"
+        return f"{self.path or '/'} in CephFS {self.fs!r}"
+
+
 class AppRole(Strict):
     """Vault AppRole credentials, both as secret references."""
 
@@ -310,10 +368,10 @@ class TalosLocation(LocationBase):
 
 
 Location = Annotated[Union[FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation, S3Location,
-                           VaultLocation, TalosLocation, CephRbdLocation],
+                           VaultLocation, TalosLocation, CephRbdLocation, CephFsLocation],
                      Field(discriminator="type")]
 LOCATION_TYPES: tuple[type[LocationBase], ...] = (FilesystemLocation, ResticLocation, ZfsLocation, SnapraidLocation, GcsLocation,
-                                                  S3Location, VaultLocation, TalosLocation, CephRbdLocation)
+                                                  S3Location, VaultLocation, TalosLocation, CephRbdLocation, CephFsLocation)
 
 
 # --------------------------------------------------------------------------- legs

@@ -8,6 +8,7 @@ Pure: no I/O, time comes in through ``health``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Mapping
@@ -114,6 +115,13 @@ def _main_content(policy: Any) -> str:
     return "etcd" if any(_content(leg) == "etcd" for leg in policy.legs) else "machineconfig"
 
 
+def _same_ceph_cluster(a: LocationBase, b: LocationBase) -> bool:
+    """Two Ceph locations reached through the same ceph.conf are one cluster."""
+    ceph = ("ceph-rbd", "cephfs")
+    return (a is not b and getattr(a, "type", "") in ceph and getattr(b, "type", "") in ceph
+            and os.path.normpath(a.conf) == os.path.normpath(b.conf))  # type: ignore[attr-defined]
+
+
 def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None = None,
            facts: Mapping[str, tuple[bool, str]] | None = None) -> Assessment:
     """``facts``: location -> (immutable, how we know), read from stores that can tell
@@ -155,8 +163,13 @@ def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None =
             }
             if h.immutability:
                 c.immutability = h.immutability
-        if leg.kind == "snapshot":
+        if leg.kind == "snapshot" and getattr(src, "type", "") in ("ceph-rbd", "cephfs"):
+            c.reason = "a snapshot in the same Ceph cluster is a recovery point, not a copy: it is lost with the cluster"
+        elif leg.kind == "snapshot":
             c.reason = "a snapshot on the source's own storage is a recovery point, not an independent copy"
+        elif _same_ceph_cluster(src, loc):
+            c.reason = (f"a replica in another pool of the same Ceph cluster ({loc.conf}) shares the source's failure domain "
+                        "(the cluster), whatever failure_domain says: it counts once with the source")
         elif leg.kind == "parity":
             c.reason = "SnapRAID parity is protection, not a copy"
         elif getattr(src, "type", "") == "talos" and _content(leg) != _main_content(policy):

@@ -119,6 +119,14 @@ _SAMPLE_VALUES: dict[tuple[str, str], Any] = {
     ("CephRbdLocation", "immutable"): None,
     ("CephRbdLocation", "offline"): None,
     ("CephRbdLocation", "keyring"): None,
+    ("CephFsLocation", "media"): "nvme",
+    ("CephFsLocation", "site"): "home",
+    ("CephFsLocation", "failure_domain"): "ceph-lab",
+    ("CephFsLocation", "immutable"): None,
+    ("CephFsLocation", "offline"): None,
+    ("CephFsLocation", "keyring"): None,
+    ("CephFsLocation", "subvolume"): None,  # a path or a subvolume
+    ("CephFsLocation", "group"): None,
 }
 
 

@@ -116,7 +116,9 @@ policies:
 
     explain = _drtool(cfg, "policy", "explain")["policies"][0]
     why = {c["leg"]: (c["counts"], c["reason"]) for c in explain["copies"]}
-    assert why["snapshot"][0] is False and "recovery point, not an independent copy" in why["snapshot"][1]
+    assert why["snapshot"][0] is False and "same Ceph cluster is a recovery point, not a copy" in why["snapshot"][1]
+    # both pools are in the one test cluster: the replica does not count, whatever failure_domain says
+    assert why["replicate-ceph-backup"][0] is False and "same Ceph cluster" in why["replicate-ceph-backup"][1], why
 
 
 def test_rbd_snapshot_uploads_as_a_stream_verifies_and_imports_back(ceph_cluster, fake_gcs, tmp_path):

@@ -312,3 +312,45 @@ def test_committed_drill_schema_is_generated_from_the_model():
     from drtool.drill.model import drill_schema
 
     assert json.loads((ROOT / "docs/drill.schema.json").read_text()) == drill_schema(), "docs/drill.schema.json is stale: run `make docs`"
+
+
+CEPHFS = dedent("""\
+    version: 1
+    locations:
+      fs: {type: cephfs, path: /shares/photos, media: nvme, site: home, failure_domain: ceph-lab}
+      repo: {type: restic, repository: /srv/restic, password: {env: RP}, media: hdd, site: home, failure_domain: nas}
+    policies:
+      - name: photos
+        source: {location: fs}
+        rpo: 1h
+        rto: 1h
+        legs:
+          - {kind: snapshot, schedule: "@hourly", verify: {level: sample}}
+          - {kind: backup, to: repo, schedule: "@daily"}
+""")
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("", "", None),
+        ("path: /shares/photos", "subvolume: csi-vol-1, group: csi", None),
+        ("path: /shares/photos", "path: /shares/photos, subvolume: x", "give 'path' (a directory) or 'subvolume'"),
+        ("path: /shares/photos", "group: csi", "'group' names a subvolume's group: give 'subvolume' too"),
+        ("path: /shares/photos", "path: shares/photos", "is relative: write it from the file system's root"),
+        ("path: /shares/photos", "path: /shares/.snap/x", "contains '.', '..' or '.snap'"),
+        ("source: {location: fs}", "source: {location: fs, path: /x}", "a cephfs source is the location's tree"),
+        ("verify: {level: sample}", "verify: {level: integrity}", "a snapshot leg on a cephfs location can verify at: exists, sample"),
+    ],
+)
+def test_cephfs_policy_checks(tmp_path, old, new, expected):
+    assert not old or old in CEPHFS, "the replacement must change the file"
+    text = CEPHFS.replace(old, new, 1) if old else CEPHFS
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    if expected is None:
+        cfg = load_config(f)
+        assert cfg.location("fs").tree.endswith("in CephFS 'cephfs'") or "subvolume csi/csi-vol-1" in cfg.location("fs").tree
+        return
+    errs = _errors(tmp_path, text)
+    assert any(expected in e for e in errs), errs

@@ -120,3 +120,30 @@ def test_contradicted_immutability_does_not_count():
     a = assess(pol, cfg, h)
     r = _rule(a, "1 immutable or offline")
     assert r.ok is False and "claims immutable but contradicted" in r.detail
+
+
+def test_ceph_snapshots_and_same_cluster_replicas_are_not_copies():
+    """Two pools (or an RBD pool and a CephFS) behind one ceph.conf are one cluster: its
+    snapshots are recovery points, and a replica there does not count, whatever the
+    declared failure_domain; a second cluster (another conf) counts."""
+    from drtool.policy.models import CephFsLocation, CephRbdLocation
+
+    def rbd(pool: str, conf: str, domain: str) -> CephRbdLocation:
+        return CephRbdLocation(type="ceph-rbd", pool=pool, conf=conf, media="nvme", site="home", failure_domain=domain)
+
+    cfg = Config()
+    cfg.locations.update(ceph=rbd("kube", "/etc/ceph/ceph.conf", "ceph-a"), other_pool=rbd("backup", "/etc/ceph//ceph.conf", "ceph-b"),
+                         other_cluster=rbd("backup", "/etc/ceph/backup.conf", "ceph-c"))
+    pol = Policy(name="vol", source={"location": "ceph", "image": "img"}, rpo="1h", rto="1h",
+                 legs=[{"schedule": "@hourly", "kind": "snapshot"}, {"schedule": "@hourly", "kind": "replicate", "to": "other_pool"},
+                       {"schedule": "@hourly", "kind": "replicate", "to": "other_cluster"}])
+    cfg.policies["vol"] = pol
+    why = {c.leg: (c.counts, c.reason) for c in assess(pol, cfg).copies if c.leg}
+    assert why["snapshot"] == (False, "a snapshot in the same Ceph cluster is a recovery point, not a copy: it is lost with the cluster")
+    assert why["replicate-other_pool"][0] is False and "same Ceph cluster (/etc/ceph//ceph.conf)" in why["replicate-other_pool"][1]
+    assert why["replicate-other_cluster"] == (True, "independent copy in failure domain 'ceph-c'")
+
+    cfg.locations["fs"] = CephFsLocation(type="cephfs", path="/shares", media="nvme", site="home", failure_domain="ceph-a")
+    pol2 = Policy(name="share", source={"location": "fs"}, rpo="1h", rto="1h", legs=[{"schedule": "@hourly", "kind": "snapshot"}])
+    cfg.policies["share"] = pol2
+    assert "same Ceph cluster" in next(c.reason for c in assess(pol2, cfg).copies if c.leg == "snapshot")
