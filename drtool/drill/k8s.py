@@ -16,6 +16,12 @@ Everything goes through the official Kubernetes Python client (``pip install
   never overwrites anything). The Restore object is left in Velero's namespace after the
   drill (it is Velero's record of the restore: ``velero restore describe/logs``).
 
+- for a restore step with ``pvc:``, in a new scratch namespace: a ``Secret``
+  ``drtool-restic`` (the repository, its password and the location's env, resolved at
+  that moment: the values go nowhere else), a fresh ``PersistentVolumeClaim``, and a
+  ``Job`` running ``restic restore <id> --target /restore --verify`` with the Secret as
+  its environment and the PVC mounted; its pod's reason is reported when it fails.
+
 - for a ``k8s-gpu`` check, a probe ``Pod`` in the step's scratch namespace requesting one
   of the GPU resource (after checking that enough nodes advertise it); it goes with the
   namespace.
@@ -42,7 +48,7 @@ from typing import Any
 
 from ..durations import parse_duration
 from ..errors import BackendError, ConfigError, DrtoolError
-from .model import K8sGpuCheck, K8sReadyCheck, KubernetesScratch, VeleroRestoreSpec
+from .model import K8sGpuCheck, K8sReadyCheck, KubernetesScratch, PvcRestoreSpec, VeleroRestoreSpec
 
 log = logging.getLogger("drtool.drill.k8s")
 
@@ -399,6 +405,118 @@ class KubeScratch:
                 why.append("validation errors: " + "; ".join(out["validation_errors"]))
             out["message"] = (f"Velero restore {name} of backup {backup['name']} ended {out['phase']}: " + ", ".join(why)
                               + f"; see 'velero restore describe {name} --details -n {ns}' and 'velero restore logs {name} -n {ns}'")
+        return out
+
+    # -- restic restore Job into a fresh PVC -----------------------------------------
+
+    RESTIC_SECRET = "drtool-restic"
+    RESTORE_MOUNT = "/restore"
+
+    def pvc_manifest(self, spec: PvcRestoreSpec, namespace: str) -> dict[str, Any]:
+        """The fresh PersistentVolumeClaim the point is restored into (pure)."""
+        pvc_spec: dict[str, Any] = {"accessModes": list(spec.access_modes), "resources": {"requests": {"storage": spec.size}}}
+        if spec.storage_class:
+            pvc_spec["storageClassName"] = spec.storage_class
+        return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": spec.name, "namespace": namespace, "labels": {MANAGED_BY: "drtool", DRILL_LABEL: label_value(self.drill)}},
+                "spec": pvc_spec}
+
+    def restic_secret_manifest(self, namespace: str, env_names: list[str]) -> dict[str, Any]:
+        """The Secret holding the repository, its password and its env (pure: the values are
+        filled in by ``restic_restore`` just before the request, never kept)."""
+        return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": self.RESTIC_SECRET, "namespace": namespace,
+                             "labels": {MANAGED_BY: "drtool", DRILL_LABEL: label_value(self.drill)}},
+                "stringData": {name: "" for name in env_names}}
+
+    def restic_job_manifest(self, spec: PvcRestoreSpec, namespace: str, name: str, snapshot_id: str) -> dict[str, Any]:
+        """The restore Job (pure): ``restic restore SNAPSHOT --target /restore --verify`` (restic
+        re-reads every restored file against the repository) with the repository, password and
+        credentials from the Secret as environment, the fresh PVC at /restore, no retries, and
+        killed after ``spec.timeout``."""
+        labels = {MANAGED_BY: "drtool", DRILL_LABEL: label_value(self.drill)}
+        return {
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "backoffLimit": 0,
+                "activeDeadlineSeconds": max(1, int(_seconds(spec.timeout))),
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{
+                            "name": "restic",
+                            "image": spec.image,
+                            "args": ["restore", snapshot_id, "--target", self.RESTORE_MOUNT, "--verify", "--no-cache"],
+                            "envFrom": [{"secretRef": {"name": self.RESTIC_SECRET}}],
+                            "volumeMounts": [{"name": "data", "mountPath": self.RESTORE_MOUNT}],
+                        }],
+                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": spec.name}}],
+                    },
+                },
+            },
+        }
+
+    def restic_restore(self, spec: PvcRestoreSpec, step: str, *, snapshot_id: str, env: dict[str, Any],
+                       cancel: threading.Event | None = None, poll: float = 2.0) -> dict[str, Any]:
+        """Restore restic snapshot ``snapshot_id`` into a fresh PVC in a new scratch namespace with
+        a Job, and wait for it (``spec.timeout``, or ``cancel``). ``env`` (RESTIC_REPOSITORY,
+        RESTIC_PASSWORD, the location's env; SecretStr values) goes into a Secret in that
+        namespace, which teardown deletes with it; no value is logged or returned."""
+        if cancel is not None and cancel.is_set():
+            raise DrtoolError("stopped: the drill was cancelled before the restore Job started")
+        ns = self.create_namespace(step)
+        secret = self.restic_secret_manifest(ns, sorted(env))
+        secret["stringData"] = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else str(v)) for k, v in env.items()}
+        self._call(f"create Secret {self.RESTIC_SECRET} in namespace {ns}", self.core.create_namespaced_secret, ns, secret)
+        del secret
+        self._call(f"create PVC {spec.name} in namespace {ns}", self.core.create_namespaced_persistent_volume_claim, ns,
+                   self.pvc_manifest(spec, ns))
+        job = dns_label("drtool-restore", step, suffix=secrets.token_hex(3))
+        self._call(f"create Job {job} in namespace {ns}", self.batch.create_namespaced_job, ns,
+                   self.restic_job_manifest(spec, ns, job, snapshot_id))
+        log.info("kubernetes scratch: restic restore Job %s/%s of %s into PVC %s", ns, job, snapshot_id[:8], spec.name)
+        out: dict[str, Any] = {"namespace": ns, "pvc": spec.name, "job": job, "snapshot": snapshot_id, "state": "waiting",
+                               "status": "", "ok": False, "message": "", "polls": 0}
+        deadline = time.monotonic() + _seconds(spec.timeout)
+        transient = 0
+        while True:
+            out["polls"] += 1
+            try:
+                doc = self._call(f"get Job {job} in namespace {ns}", self.batch.read_namespaced_job, job, ns)
+                transient = 0
+                state, text = self._judge("Job", doc)
+                out["state"], out["status"] = state, text
+                if state != "waiting":
+                    break
+            except KubeApiError as exc:
+                transient += 1
+                if not exc.transient or transient > MAX_TRANSIENT:
+                    raise
+                log.warning("kubernetes scratch: %s (retrying)", exc)
+            if cancel is not None and cancel.is_set():
+                out["message"] = f"restore Job {ns}/{job} stopped waiting: the drill was cancelled ({out['status'] or 'not started'})"
+                return out
+            if time.monotonic() >= deadline:
+                out["message"] = f"restore Job {ns}/{job} did not finish within {spec.timeout} ({out['status'] or 'not started'})"
+                return out
+            pause = min(poll, max(0.0, deadline - time.monotonic()))
+            if cancel is not None:
+                cancel.wait(pause)
+            else:
+                time.sleep(pause)
+        out["ok"] = out["state"] == "ready"
+        if out["ok"]:
+            out["message"] = f"restic restored {snapshot_id[:8]} into PVC {ns}/{spec.name} (Job {job} Complete; restore --verify re-read every file)"
+            return out
+        why = ""
+        try:
+            pods = self._call(f"list the pods of Job {job}", self.core.list_namespaced_pod, ns, label_selector=f"job-name={job}")
+            why = "; ".join(t for t in (self._pod_trouble(p) for p in pods.get("items") or []) if t)
+        except KubeApiError as exc:
+            why = f"(its pods could not be listed: {self._plain(exc)})"
+        out["message"] = f"restore Job {ns}/{job} {out['status']}" + (f": {why}" if why else "")
         return out
 
     # -- readiness -------------------------------------------------------------------

@@ -221,6 +221,21 @@ class VeleroRestoreSpec(Strict):
         return self
 
 
+class PvcRestoreSpec(Strict):
+    """kubernetes scratch: the step's restic point restored by a Job in the scratch namespace
+    into a fresh PersistentVolumeClaim (``restic restore --verify``), the way an app's volume
+    comes back after a disaster."""
+
+    name: str = Field("data", description="The new PVC's name.", examples=["library"], pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    size: str = Field(description="Its requested size (a Kubernetes quantity).", examples=["50Gi"],
+                      pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+    storage_class: str | None = Field(None, description="Its StorageClass (default: the cluster's default class).", examples=["ceph-block"])
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany", "ReadOnlyMany"]] = Field(
+        default_factory=lambda: ["ReadWriteOnce"], min_length=1, description="Its access modes.")
+    image: str = Field("docker.io/restic/restic:0.17.3", description="The restic image the Job runs.", min_length=1)
+    timeout: Duration = Field("2h", description="How long the Job may run (its activeDeadlineSeconds too).")
+
+
 class KubernetesScratch(Strict):
     """Where a kubernetes scratch lives: a throw-away namespace per drill, labelled, with a TTL."""
 
@@ -239,6 +254,8 @@ class Step(Strict):
     needs: list[Name] = Field(default_factory=list, description="Steps that must succeed first (a DAG).", examples=[["etcd"]])
     restore: RestoreSpec | None = Field(None, description="What to restore. None: a step of checks only (e.g. GPU checks on the drill host).")
     velero: VeleroRestoreSpec | None = Field(None, description="kubernetes scratch: restore a Velero backup into the scratch namespace.")
+    pvc: PvcRestoreSpec | None = Field(None, description="kubernetes scratch: restore the step's restic point with a Job into a fresh PVC "
+                                       "in a scratch namespace, instead of onto the drill host.")
     checks: list[Check] = Field(default_factory=list, description="Checks on what came back.")
 
     @model_validator(mode="after")
@@ -247,6 +264,8 @@ class Step(Strict):
             raise ValueError(f"step {self.name!r} restores nothing and checks nothing: add 'restore' or 'checks'")
         if self.restore is not None and self.velero is not None:
             raise ValueError(f"step {self.name!r}: give 'restore' (a drtool policy) or 'velero' (a Velero backup), not both")
+        if self.pvc is not None and self.restore is None:
+            raise ValueError(f"step {self.name!r}: 'pvc' is where a restic point goes: give 'restore' (the policy and point) too")
         return self
     timeout: Duration = Field("1h", description="The step is stopped (and failed) after this long.")
 
@@ -269,6 +288,9 @@ class Drill(Strict):
         velero = [s.name for s in self.steps if s.velero is not None]
         if velero and self.scratch != "kubernetes":
             raise ValueError(f"step(s) {', '.join(velero)} restore with Velero: set 'scratch: kubernetes'")
+        pvc = [s.name for s in self.steps if s.pvc is not None]
+        if pvc and self.scratch != "kubernetes":
+            raise ValueError(f"step(s) {', '.join(pvc)} restore into a PVC: set 'scratch: kubernetes'")
         kube = [f"{s.name} ({c.kind})" for s in self.steps for c in s.checks if c.kind in ("k8s-ready", "k8s-gpu")]
         if kube and self.scratch != "kubernetes":
             raise ValueError(f"kubernetes checks (step {', '.join(kube)}) need 'scratch: kubernetes'")

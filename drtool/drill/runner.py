@@ -97,6 +97,32 @@ def _pick_leg(cfg: Any, step: Step) -> tuple[Any, Any]:
     return pol, legs[0]
 
 
+def _pvc_issue(cfg: Any, step: Step, leg: Any) -> str | None:
+    """A PVC restore runs restic in the cluster: the leg must be a restic backup leg whose
+    repository the cluster can reach (not a path on the drill host)."""
+    loc = cfg.location(leg.to) if leg.to else None
+    if leg.kind != "backup" or getattr(loc, "type", "") != "restic":
+        return f"step {step.name}: 'pvc' restores a restic point with a Job: pick a backup leg to a restic repository (not {leg.leg_name})"
+    if loc.repository.startswith("/"):
+        return (f"step {step.name}: repository {loc.repository} (location {leg.to}) is a path on this host, which a Job in the "
+                "cluster cannot reach: restore from a repository on S3, GCS or a REST server")
+    return None
+
+
+def _restic_env(ctx: Any, leg: Any) -> dict[str, Any]:
+    """What the restore Job's restic needs, resolved now (SecretStr values): the repository,
+    its password and the location's env."""
+    from pydantic import SecretStr
+
+    from ..secrets import resolve
+
+    loc = ctx.cfg.location(leg.to)
+    env: dict[str, Any] = {"RESTIC_REPOSITORY": SecretStr(loc.repository),
+                           "RESTIC_PASSWORD": resolve(loc.password, what=f"location {leg.to}: password")}
+    env.update({k: resolve(v, what=f"location {leg.to}: env.{k}") for k, v in loc.env.items()})
+    return env
+
+
 def check_references(cfg: Any, drill: Drill) -> list[str]:
     """Every step names a policy and exactly one leg of it (problems, empty when fine)."""
     out = []
@@ -104,9 +130,12 @@ def check_references(cfg: Any, drill: Drill) -> list[str]:
         if step.restore is None:
             continue
         try:
-            _pick_leg(cfg, step)
+            _, leg = _pick_leg(cfg, step)
         except DrtoolError as exc:
             out.append(str(exc))
+            continue
+        if step.pvc is not None and (issue := _pvc_issue(cfg, step, leg)):
+            out.append(issue)
     return out
 
 
@@ -156,6 +185,21 @@ class _Runner:
                 point = None
                 target.mkdir(parents=True)
                 detail = {"velero": res_v}
+            elif step.pvc is not None:
+                pol, leg = _pick_leg(self.ctx.cfg, step)
+                r.policy, r.leg = pol.name, leg.leg_name
+                point = resolve_point(self.ctx, pol, leg, step.restore.point)  # type: ignore[union-attr]
+                r.point, r.point_time = point.id, point.time.isoformat()
+                r.point_age_s = round((self.started - point.time).total_seconds(), 1)
+                res_k = self.kube.restic_restore(step.pvc, step.name, snapshot_id=point.id, env=_restic_env(self.ctx, leg),
+                                                 cancel=self.cancel)
+                namespaces = [res_k["namespace"]]
+                if not res_k.get("ok"):
+                    r.restore_s = self.elapsed()
+                    r.status, r.message = "failed", f"the restore Job of {point.id[:8]} did not complete: {res_k.get('message')}"
+                    return r
+                target.mkdir(parents=True)
+                detail = {"restic_job": res_k}
             elif step.restore is not None:
                 pol, leg = _pick_leg(self.ctx.cfg, step)
                 r.policy, r.leg = pol.name, leg.leg_name

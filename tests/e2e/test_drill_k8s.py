@@ -95,3 +95,88 @@ def test_workloads_that_never_become_ready_fail_and_still_tear_down(tmp_path, st
     assert not out["steps"][0]["checks"][0]["ok"] and "server" in out["steps"][0]["checks"][0]["message"]
     ns = next(body for m, p, body in stub.requests if m == "POST" and p == "/api/v1/namespaces")["metadata"]["name"]
     assert ("DELETE", f"/api/v1/namespaces/{ns}") in stub.calls()
+
+
+def test_restic_point_restored_by_a_job_into_a_fresh_pvc(tmp_path, stub, seaweedfs, monkeypatch):
+    """A real restic repository on SeaweedFS (S3) gets a backup through drtool; the drill
+    resolves that point from the real repository and restores it with a Job into a fresh
+    PVC in a scratch namespace (the Job runs against the STUB: nothing runs restic in a
+    cluster here), PVC Bound and Job Complete checked, the namespace deleted. The
+    repository's password and S3 keys are in the scratch Secret only: not in the Job, the
+    evidence or the output."""
+    from services.kubestub import job, pvc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "photo.jpg").write_bytes(os.urandom(4096))
+    monkeypatch.setenv("PVC_RESTIC_PW", "pvc-drill-password-31")
+    monkeypatch.setenv("PVC_S3_KEY", seaweedfs.access_key)
+    monkeypatch.setenv("PVC_S3_SECRET", seaweedfs.secret_key)
+    bucket = seaweedfs.make_bucket("pvcdrill")
+    cfg = tmp_path / "lab.yaml"
+    cfg.write_text(f"""\
+version: 1
+locations:
+  nas: {{type: filesystem, media: hdd, site: home, failure_domain: nas}}
+  offsite:
+    type: restic
+    repository: s3:{seaweedfs.endpoint}/{bucket}/repo
+    password: {{env: PVC_RESTIC_PW}}
+    env: {{AWS_ACCESS_KEY_ID: {{env: PVC_S3_KEY}}, AWS_SECRET_ACCESS_KEY: {{env: PVC_S3_SECRET}}}}
+    init: true
+    media: cloud-object
+    site: offsite
+    failure_domain: s3
+policies:
+  - name: library
+    source: {{location: nas, path: {src}}}
+    rpo: 1d
+    rto: 1h
+    legs:
+      - {{kind: backup, to: offsite, schedule: "@daily"}}
+""")
+    ran = subprocess.run([DRTOOL, "-c", str(cfg), "run", "--no-verify", "--json"], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    point = json.loads(ran.stdout)["results"][0]["point"]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "stub", "cluster": {"server": stub.url}}],
+        "users": [{"name": "drill", "user": {"token": "stub-token"}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "stub", "user": "drill"}}]}))
+    stub.workloads[("*", "persistentvolumeclaims")] = [[pvc("library", "Bound")]]
+    stub.workloads[("*", "jobs")] = [[job("drtool-restore-library", "Complete")]]
+    drill = tmp_path / "library.yaml"
+    drill.write_text(f"""\
+version: 1
+name: library-pvc
+scratch: kubernetes
+kubernetes: {{kubeconfig: {kubeconfig}}}
+targets: {{rto: 10m, rpo: 1d}}
+steps:
+  - name: library
+    restore: {{policy: library, point: latest}}
+    pvc: {{name: library, size: 1Gi, storage_class: ceph-block, timeout: 1m}}
+    checks:
+      - k8s-ready: {{kinds: [PersistentVolumeClaim, Job], timeout: 8s}}
+""")
+    code, out = _run(cfg, drill)
+    assert code == 0 and out["verdict"] == "pass", out
+    step = out["steps"][0]
+    assert step["point"] == point and step["point_age_s"] < 300, step
+    ns = next(body for m, p, body in stub.requests if m == "POST" and p == "/api/v1/namespaces")["metadata"]["name"]
+    jobdoc = next(b for (plural, n, _), b in stub.created.items() if plural == "jobs" and n == ns)
+    assert jobdoc["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["restore", point]
+    secret = stub.created[("secrets", ns, "drtool-restic")]["stringData"]
+    assert secret["RESTIC_PASSWORD"] == "pvc-drill-password-31" and secret["AWS_SECRET_ACCESS_KEY"] == seaweedfs.secret_key
+    assert secret["RESTIC_REPOSITORY"].startswith("s3:")
+    assert out["evidence"] and all(Path(f).is_file() for f in out["evidence"].values()), out["evidence"]
+    shown = json.dumps(out) + json.dumps(jobdoc) + "".join(Path(f).read_text() for f in out["evidence"].values())
+    assert "pvc-drill-password-31" not in shown and seaweedfs.secret_key not in shown
+    assert ("DELETE", f"/api/v1/namespaces/{ns}") in stub.calls() and out["teardown"]["ok"], out["teardown"]
+
+    # a repository on a path of the drill host cannot be reached from a Job: refused up front
+    local = cfg.read_text().replace(f"repository: s3:{seaweedfs.endpoint}/{bucket}/repo", f"repository: {tmp_path}/repo")
+    cfg.write_text(local)
+    p = subprocess.run([DRTOOL, "-c", str(cfg), "drill", "run", str(drill), "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "a Job in the cluster cannot reach" in p.stdout + p.stderr, p.stdout + p.stderr

@@ -665,3 +665,85 @@ def test_k8s_gpu_check_runs_the_probe_in_a_fresh_scratch_namespace(stub, tmp_pat
     assert stub.calls()[:3] == [("POST", "/api/v1/namespaces"), ("GET", "/api/v1/nodes"),
                                 ("POST", f"/api/v1/namespaces/{k.namespaces[0]}/pods")]
     assert k.teardown(wait=5, poll=0.01)["ok"] and not stub.namespaces
+
+
+# ------------------------------------------------------------ restic restore Job into a fresh PVC
+
+
+def _pvc_spec(**kw: Any) -> Any:
+    from drtool.drill.model import PvcRestoreSpec
+
+    return PvcRestoreSpec(**{"name": "library", "size": "20Gi", "storage_class": "ceph-block", "timeout": "1m", **kw})
+
+
+def test_pvc_restore_manifests_are_valid_kubernetes_objects(stub):
+    k = scratch(stub)
+    spec = _pvc_spec()
+    validate_k8s(k.pvc_manifest(spec, "ns1"))
+    validate_k8s(k.restic_secret_manifest("ns1", ["RESTIC_PASSWORD", "RESTIC_REPOSITORY", "AWS_ACCESS_KEY_ID"]))
+    jobdoc = k.restic_job_manifest(spec, "ns1", "drtool-restore-lib-0a1b2c", "f" * 64)
+    validate_k8s(jobdoc)
+    c = jobdoc["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"] == ["restore", "f" * 64, "--target", "/restore", "--verify", "--no-cache"]
+    assert c["envFrom"] == [{"secretRef": {"name": "drtool-restic"}}] and "env" not in c  # no value in the Job
+    assert jobdoc["spec"]["backoffLimit"] == 0 and jobdoc["spec"]["activeDeadlineSeconds"] == 60
+    assert jobdoc["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "library"}}]
+    assert "storageClassName" not in k.pvc_manifest(_pvc_spec(storage_class=None), "ns1")["spec"]
+
+
+def test_pvc_restore_full_flow_secret_values_only_in_the_secret(stub):
+    from pydantic import SecretStr
+
+    k = scratch(stub)
+    env = {"RESTIC_REPOSITORY": SecretStr("s3:http://10.0.0.5:8333/restic"), "RESTIC_PASSWORD": SecretStr("pw-9f3a-secret"),
+           "AWS_SECRET_ACCESS_KEY": SecretStr("aws-secret-77")}
+    out = k.restic_restore(_pvc_spec(), "library", snapshot_id="a" * 64, env=env, poll=0.01)
+    assert out["ok"] is True and "restore --verify re-read every file" in out["message"], out
+    ns, job = out["namespace"], out["job"]
+    assert k.namespaces == [ns] and job.startswith("drtool-restore-library-")
+    assert [(m, p) for m, p, _ in stub.requests] == [
+        ("POST", "/api/v1/namespaces"),
+        ("POST", f"/api/v1/namespaces/{ns}/secrets"),
+        ("POST", f"/api/v1/namespaces/{ns}/persistentvolumeclaims"),
+        ("POST", f"/apis/batch/v1/namespaces/{ns}/jobs"),
+        ("GET", f"/apis/batch/v1/namespaces/{ns}/jobs/{job}"),
+        ("GET", f"/apis/batch/v1/namespaces/{ns}/jobs/{job}"),
+    ]
+    secret = stub.created[("secrets", ns, "drtool-restic")]
+    validate_k8s(secret)
+    assert secret["stringData"] == {"RESTIC_REPOSITORY": "s3:http://10.0.0.5:8333/restic", "RESTIC_PASSWORD": "pw-9f3a-secret",
+                                    "AWS_SECRET_ACCESS_KEY": "aws-secret-77"}
+    for plural, name in (("persistentvolumeclaims", "library"), ("jobs", job)):
+        validate_k8s(stub.created[(plural, ns, name)])
+    # the values went to the Secret and nowhere else: not the Job, not the result
+    others = json.dumps([b for (plural, _, _), b in stub.created.items() if plural != "secrets"]) + json.dumps(out)
+    assert "pw-9f3a-secret" not in others and "aws-secret-77" not in others and "10.0.0.5" not in others
+    assert k.teardown(wait=5, poll=0.01)["deleted"] == [ns]
+
+
+def test_pvc_restore_job_failure_says_why_from_its_pod(stub):
+    from pydantic import SecretStr
+
+    from services.kubestub import pod_status
+
+    stub.job_script = [{"active": 1}, {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}]
+    stub.job_pods = [{"metadata": {"name": "drtool-restore-x"},
+                      "status": pod_status("Failed", exit_code=1, message="Fatal: wrong password or no key found", container="restic")}]
+    k = scratch(stub)
+    out = k.restic_restore(_pvc_spec(), "library", snapshot_id="b" * 64, env={"RESTIC_PASSWORD": SecretStr("x")}, poll=0.01)
+    assert out["ok"] is False and "Failed (BackoffLimitExceeded)" in out["message"], out
+    assert "container restic exited with code 1" in out["message"] and "wrong password" in out["message"], out
+    assert ("GET", f"/api/v1/namespaces/{out['namespace']}/pods?labelSelector=job-name={out['job']}") in stub.calls()
+
+
+def test_pvc_restore_timeout_and_cancel(stub):
+    from pydantic import SecretStr
+
+    stub.job_script = [{"active": 1}]
+    k = scratch(stub)
+    out = k.restic_restore(_pvc_spec(timeout="1s"), "slow", snapshot_id="c" * 64, env={"RESTIC_PASSWORD": SecretStr("x")}, poll=0.05)
+    assert out["ok"] is False and "did not finish within 1s" in out["message"], out
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(DrtoolError, match="cancelled before the restore Job started"):
+        k.restic_restore(_pvc_spec(), "c", snapshot_id="c" * 64, env={}, cancel=cancel)

@@ -64,6 +64,11 @@ class ApiStub:
         self.pod_gets: dict[tuple[str, str], int] = {}
         self.served_pods: list[dict[str, Any]] = []
         self.pod_node = "gpu-1"
+        self.created: dict[tuple[str, str, str], dict[str, Any]] = {}  # (plural, ns, name) -> body of a created Secret/PVC/Job
+        self.job_script: list[dict[str, Any]] = [{"active": 1}, {"succeeded": 1, "conditions": [
+            {"type": "Complete", "status": "True", "reason": "Completed"}]}]
+        self.job_gets: dict[tuple[str, str], int] = {}
+        self.job_pods: list[dict[str, Any]] = []  # what listing a Job's pods (labelSelector job-name=…) answers
         self._rv = 1000
         self._lock = threading.Lock()
         stub = self
@@ -197,6 +202,36 @@ class ApiStub:
                     obj["spec"]["nodeName"] = self.pod_node
                 self.served_pods.append(copy.deepcopy(obj))
                 return 200, obj
+        # namespaced creates: Secrets, PVCs, Jobs (a restore Job into a fresh PVC); a Job's GET and its pods
+        creatable = {("api", "v1", "secrets"), ("api", "v1", "persistentvolumeclaims"), ("apis", "batch/v1", "jobs")}
+        if method == "POST" and len(parts) >= 5 and parts[-3] == "namespaces":
+            group = "v1" if parts[0] == "api" else "/".join(parts[1:3])
+            if (parts[0], group, parts[-1]) in creatable:
+                ns, plural = parts[-2], parts[-1]
+                if ns not in self.namespaces:
+                    return 404, _status(404, "NotFound", f'namespaces "{ns}" not found')
+                name = body["metadata"]["name"]
+                if (plural, ns, name) in self.created:
+                    return 409, _status(409, "AlreadyExists", f'{plural} "{name}" already exists')
+                obj = {**copy.deepcopy(body), "metadata": self._meta(body["metadata"], ns)}
+                self.created[(plural, ns, name)] = copy.deepcopy(body)
+                if plural == "secrets":  # the apiserver folds stringData into data and never returns it
+                    obj.pop("stringData", None)
+                    obj["data"] = {k: "<redacted by the stub>" for k in (body.get("stringData") or {})}
+                return 201, obj
+        if parts[:3] == ["apis", "batch", "v1"] and len(parts) == 7 and parts[5] == "jobs" and method == "GET":
+            ns, name = parts[4], parts[6]
+            if ("jobs", ns, name) not in self.created:
+                return 404, _status(404, "NotFound", f'jobs.batch "{name}" not found')
+            i = self.job_gets.get((ns, name), 0)
+            self.job_gets[(ns, name)] = i + 1
+            obj = copy.deepcopy(self.created[("jobs", ns, name)])
+            obj["metadata"] = self._meta(obj["metadata"], ns)
+            obj["status"] = copy.deepcopy(self.job_script[min(i, len(self.job_script) - 1)])
+            return 200, obj
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 5 and parts[4] == "pods" and method == "GET":
+            return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv)},
+                         "items": copy.deepcopy(self.job_pods)}
         # workload lists
         kinds = {("api", "v1", "persistentvolumeclaims"): "PersistentVolumeClaimList",
                  ("apis", "apps/v1", "deployments"): "DeploymentList", ("apis", "apps/v1", "statefulsets"): "StatefulSetList",

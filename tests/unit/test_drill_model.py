@@ -55,6 +55,10 @@ def test_good_drill_loads(tmp_path):
     ("point: random", "pont: random", "unknown field 'pont' (did you mean 'point'?)"),
     ("targets: {rto: 1h, rpo: 24h}", "targets: {rto: soon, rpo: 24h}", "targets.rto"),
     ('body_regex: "ok"', 'body_regex: "(ok"', "not a valid regular expression"),
+    ("restore: {policy: app, point: random}", "restore: {policy: app, point: random}\n    pvc: {size: 10Gi}",
+     "restore into a PVC: set 'scratch: kubernetes'"),
+    ("restore: {policy: app, point: random}", "pvc: {size: 10Gi}", "'pvc' is where a restic point goes: give 'restore'"),
+    ("restore: {policy: app, point: random}", "restore: {policy: app}\n    pvc: {size: lots}", "pvc.size"),
 ])
 def test_drill_errors_name_line_field_and_fix(tmp_path, old, new, expected):
     assert old in GOOD
