@@ -12,6 +12,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -138,6 +139,33 @@ def resolve(ref: SecretRef, *, what: str = "secret") -> SecretStr:
         raise SecretError(f"{what}: {ref.describe()} is empty")
     register_secret(value)
     return SecretStr(value)
+
+
+_paths: dict[str, tuple[int, str]] = {}
+_paths_lock = threading.Lock()
+
+
+def secret_path(ref: SecretRef, *, what: str = "secret", suffix: str = "\n", inspect: Any = None) -> str:
+    """A path a child process can read the secret from, for tools that take a file name
+    (a Ceph keyring): an anonymous in-memory file (memfd) of this process, named
+    ``/proc/<pid>/fd/<n>``. Nothing touches disk, and it is gone when drtool exits.
+    Resolved once per reference per process; ``inspect(value)`` sees the value then
+    (e.g. to register the parts of it that must be masked)."""
+    key = ref.model_dump_json()
+    with _paths_lock:
+        got = _paths.get(key)
+        if got is not None and got[0] == os.getpid():
+            return got[1]
+        value = resolve(ref, what=what).get_secret_value()
+        if inspect is not None:
+            inspect(value)
+        value += suffix
+        fd = os.memfd_create("drtool-secret", os.MFD_CLOEXEC)
+        os.write(fd, value.encode())
+        os.fchmod(fd, 0o400)
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        _paths[key] = (os.getpid(), path)
+        return path
 
 
 def _env(*names: str) -> str | None:

@@ -88,6 +88,23 @@ class RbdDiverged(RbdError):
     """The replica changed since the base snapshot: a diff would land on other data."""
 
 
+def keyring_path(location: Any, name: str) -> str | None:
+    """A ceph-rbd or cephfs location's keyring as a path the Ceph tools read: the file it
+    names, or its secret reference's content in an in-memory file of this process
+    (``secrets.secret_path``); each ``key = …`` in it is masked in logs and errors."""
+    from ..secrets import SecretRef, register_secret, secret_path
+
+    ref = location.keyring
+    if not isinstance(ref, SecretRef):
+        return ref
+
+    def keys(text: str) -> None:
+        for m in re.finditer(r"^\s*key\s*=\s*(\S+)", text, re.M):
+            register_secret(m.group(1))
+
+    return secret_path(ref, what=f"location {name}: keyring", inspect=keys)
+
+
 @dataclass(frozen=True)
 class CephConn:
     """How the CLIs reach a cluster: a ceph.conf path, a cephx user and its keyring."""

@@ -272,14 +272,14 @@ class _Runner:
         pool that holds them, registered for teardown before it exists."""
         import secrets
 
-        from ..backends.ceph_rbd import CephConn, RbdCli
+        from ..backends.ceph_rbd import CephConn, RbdCli, keyring_path
 
         src = self.ctx.cfg.location(pol.source.location)
         if getattr(src, "type", "") != "ceph-rbd" or leg.kind not in ("snapshot", "replicate", "upload"):
             return None
         where = self.ctx.cfg.location(leg.to) if leg.kind == "replicate" else src
         name = f"drtool-drill-{secrets.token_hex(4)}"
-        cli = RbdCli(CephConn(conf=where.conf, keyring=where.keyring, client_id=where.client_id))
+        cli = RbdCli(CephConn(conf=where.conf, keyring=keyring_path(where, leg.to if leg.kind == "replicate" else pol.source.location), client_id=where.client_id))
         with self._lock:
             self.images.append((cli, where.pool, name))
         return f"{where.pool}/{name}"

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from .. import manifest
 from ..backends.base import RecoveryPoint
+from ..backends.ceph_rbd import keyring_path
 from ..backends.cephfs import SNAPDIR, CephFsCli, CephFsConn, CephFsError, CephFsMount, CephFsNotFound, FsSnap
 from ..errors import BackendError, ConfigError, SourceError, UsageError
 from .base import LegDriver, LegOutcome
@@ -65,7 +66,7 @@ class Tree:
     @property
     def conn(self) -> CephFsConn:
         loc = self.loc
-        return CephFsConn(conf=loc.conf, keyring=loc.keyring, client_id=loc.client_id, fs_name=loc.fs)
+        return CephFsConn(conf=loc.conf, keyring=keyring_path(loc, self.name), client_id=loc.client_id, fs_name=loc.fs)
 
     @property
     def cli(self) -> CephFsCli:

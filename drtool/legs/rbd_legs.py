@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..backends.base import RecoveryPoint
-from ..backends.ceph_rbd import CephConn, RbdCli, RbdError, RbdNotFound, RbdSnap
+from ..backends.ceph_rbd import CephConn, RbdCli, RbdError, RbdNotFound, RbdSnap, keyring_path
 from ..errors import BackendError, ConfigError, SourceError, UsageError
 from .base import LegDriver, LegOutcome
 
@@ -49,7 +49,7 @@ class _RbdLeg(LegDriver):
 
     def _cli(self, name: str) -> RbdCli:
         loc = self._loc(name)
-        return self.ctx.backend(f"rbd:{name}", lambda: RbdCli(CephConn(conf=loc.conf, keyring=loc.keyring, client_id=loc.client_id)))
+        return self.ctx.backend(f"rbd:{name}", lambda: RbdCli(CephConn(conf=loc.conf, keyring=keyring_path(loc, name), client_id=loc.client_id)))
 
     @property
     def image(self) -> str:

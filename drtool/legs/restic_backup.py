@@ -132,6 +132,12 @@ class ResticBackupLeg(LegDriver):
         cmds = getattr(self.repo, "commands", [])
         out = list(cmds)
         cmds.clear()
+        if self._cephfs() is not None:  # the snapshot the backup read: its ceph commands and .snap mkdir/rmdir
+            from .cephfs_legs import Tree
+
+            fs_cmds = Tree(self.ctx, self.policy.source.location).cli.commands
+            out = list(fs_cmds) + out
+            fs_cmds.clear()
         return out
 
     def restore_preflight(self, target: str | None, *, force: bool = False, rollback: bool = False) -> None:

@@ -96,11 +96,11 @@ class UploadLeg(LegDriver):
         return getattr(self.ctx.cfg.location(self.policy.source.location), "type", "") == "ceph-rbd"
 
     def _rbd(self) -> Any:
-        from ..backends.ceph_rbd import CephConn, RbdCli
+        from ..backends.ceph_rbd import CephConn, RbdCli, keyring_path
 
         loc = self.ctx.cfg.location(self.policy.source.location)
         return self.ctx.backend(f"rbd:{self.policy.source.location}", lambda: RbdCli(CephConn(
-            conf=loc.conf, keyring=loc.keyring, client_id=loc.client_id)))  # type: ignore[attr-defined]
+            conf=loc.conf, keyring=keyring_path(loc, self.policy.source.location), client_id=loc.client_id)))  # type: ignore[attr-defined]
 
     def _newest_rbd(self) -> str:
         """pool/image@snap: the newest snapshot the policy's snapshot leg made (sent as a full export-diff stream)."""

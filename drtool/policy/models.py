@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -193,16 +193,18 @@ class CephRbdLocation(LocationBase):
     type: Literal["ceph-rbd"] = Field(description="Location type.")
     pool: str = Field(description="The RBD pool.", examples=["kube"], min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     conf: str = Field("/etc/ceph/ceph.conf", description="The cluster's ceph.conf (absolute path).", examples=["/etc/ceph/ceph.conf"])
-    keyring: str | None = Field(None, description="The client's keyring file (absolute path, readable only by drtool's user). "
-                                "Default: what ceph.conf says.", examples=["/etc/ceph/ceph.client.drtool.keyring"])
+    keyring: str | SecretRef | None = Field(
+        None, description="The client's keyring: a file (absolute path, readable only by drtool's user), or a secret reference to "
+        "its content (handed to the Ceph tools as an in-memory file, never on disk). Default: what ceph.conf says.",
+        examples=["/etc/ceph/ceph.client.drtool.keyring", {"vault": "secret/ceph/drtool#keyring"}])
     client_id: str = Field("admin", description="The cephx client id (rbd --id).", examples=["drtool"])
 
     sample_name: ClassVar[str] = "ceph-rbd"
 
     @field_validator("conf", "keyring")
     @classmethod
-    def _abs(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("/"):
+    def _abs(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.startswith("/"):
             raise ValueError(f"{v!r} is a relative path: write an absolute path")
         return v
 
@@ -223,8 +225,10 @@ class CephFsLocation(LocationBase):
     group: str | None = Field(None, description="The subvolume's group (default: the ungrouped '_nogroup').", examples=["csi"],
                               pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     conf: str = Field("/etc/ceph/ceph.conf", description="The cluster's ceph.conf (absolute path).", examples=["/etc/ceph/ceph.conf"])
-    keyring: str | None = Field(None, description="The client's keyring file (absolute path, readable only by drtool's user). "
-                                "Default: what ceph.conf says.", examples=["/etc/ceph/ceph.client.drtool.keyring"])
+    keyring: str | SecretRef | None = Field(
+        None, description="The client's keyring: a file (absolute path, readable only by drtool's user), or a secret reference to "
+        "its content (handed to the Ceph tools as an in-memory file, never on disk). Default: what ceph.conf says.",
+        examples=["/etc/ceph/ceph.client.drtool.keyring", {"vault": "secret/ceph/drtool#keyring"}])
     client_id: str = Field("admin", description="The cephx client id (its mds caps need the 's' flag to snapshot a path).",
                            examples=["drtool"])
 
@@ -232,8 +236,8 @@ class CephFsLocation(LocationBase):
 
     @field_validator("conf", "keyring")
     @classmethod
-    def _abs(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("/"):
+    def _abs(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.startswith("/"):
             raise ValueError(f"{v!r} is a relative path: write an absolute path")
         return v
 

@@ -80,7 +80,7 @@ def fsroot(ceph_cluster, tmp_path):
         yield mp
 
 
-def _config(tmp_path: Path, ceph_cluster, location: str, legs: str) -> Path:
+def _config(tmp_path: Path, ceph_cluster, location: str, legs: str, keyring: str | None = None) -> Path:
     (tmp_path / "restic.pass").write_text("restic-test-pass\n")
     cfg = tmp_path / "cephfs.yaml"
     cfg.write_text(f"""\
@@ -90,7 +90,7 @@ locations:
     type: cephfs
     {location}
     conf: {ceph_cluster.conf}
-    keyring: {ceph_cluster.keyring}
+    keyring: {keyring or ceph_cluster.keyring}
     media: nvme
     site: home
     failure_domain: ceph-lab
@@ -194,8 +194,13 @@ def test_cephfs_snapshot_backup_restore_verify_prune(ceph_cluster, fsroot, tmp_p
     assert sorted(os.listdir(live / ".snap")) == names
 
 
-def test_cephfs_subvolume_backup_takes_and_removes_its_own_snapshot(ceph_cluster, fsroot, tmp_path):
+def test_cephfs_subvolume_backup_takes_and_removes_its_own_snapshot(ceph_cluster, fsroot, tmp_path, monkeypatch):
+    """The keyring here is a secret reference (its content in an environment variable):
+    the Ceph tools read it from an in-memory file, and its key never shows in the output."""
     ceph_cluster.enable_volumes()
+    keyring_text = Path(ceph_cluster.keyring).read_text()
+    key = next(ln.split("=", 1)[1].strip() for ln in keyring_text.splitlines() if ln.strip().startswith("key"))
+    monkeypatch.setenv("TEST_CEPH_KEYRING", keyring_text)
     sub = f"sv{uuid.uuid4().hex[:6]}"
     ceph_cluster.ceph("fs", "subvolume", "create", "cephfs", sub)
     data = fsroot / ceph_cluster.ceph("fs", "subvolume", "getpath", "cephfs", sub).strip().lstrip("/")
@@ -203,9 +208,12 @@ def test_cephfs_subvolume_backup_takes_and_removes_its_own_snapshot(ceph_cluster
     before = tree(data)
     cfg = _config(tmp_path, ceph_cluster, f"subvolume: {sub}", """\
       - {kind: backup, to: repo, schedule: "@daily", retention: {keep_last: 5}, verify: {level: sample, every: 1d, sample_files: 4}}
-""")
+""", keyring="{env: TEST_CEPH_KEYRING}")
     first = _drtool(cfg, "run")
     assert first["results"][0]["phase"] == "succeeded", first
+    runs = _drtool(cfg, "runs", "--limit", "5")
+    assert key not in json.dumps(runs) + json.dumps(first)
+    assert any("/proc/" in " ".join(c["argv"]) for r in runs["runs"] for c in r.get("command_log") or []), runs
     assert all(v["ok"] for v in first.get("verifications", [])), first
     snaps = json.loads(_restic(tmp_path, "snapshots", "--json"))
     tag = next(t for t in snaps[0]["tags"] if t.startswith("drtool:cephfs-snapshot="))
