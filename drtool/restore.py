@@ -40,7 +40,7 @@ def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> Reco
     from .legs import driver_for
 
     driver = driver_for(ctx, policy, leg)
-    points = driver.points()
+    points = driver.restore_points()
     if not points:
         raise DrtoolError(f"no recovery point of {policy.name}/{leg.leg_name} exists in {driver.location}")
     if selector == "latest":

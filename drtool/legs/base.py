@@ -54,6 +54,11 @@ class LegDriver:
         """This leg's own points (made by drtool for this policy and leg), oldest first."""
         raise NotImplementedError
 
+    def restore_points(self) -> list[RecoveryPoint]:
+        """The points a restore picks from (``latest``, ``random``, an id), oldest first:
+        ``points()`` unless the driver can prove them faster."""
+        return self.points()
+
     def location_points(self) -> list[RecoveryPoint]:
         """Every drtool point at this leg's location (for the inventory cache)."""
         return self.points()

@@ -311,6 +311,31 @@ def test_restore_latest_and_by_id_with_proof(lab):
     assert [r["kind"] for r in runs[:2]] == ["restore", "restore"] and all(r["phase"] == "succeeded" for r in runs[:2])
 
 
+def test_restore_picks_points_from_the_catalog_and_the_repository_without_listing(lab):
+    """A local repository's points come from the catalog's records, kept only while the
+    snapshot file (named by the full id) is in the repository: no `restic snapshots`
+    (each restic process pays the key derivation). A point forgotten behind drtool's back
+    is never picked; a catalog that knows nothing falls back to restic's listing."""
+    first = lab.json("run", "--leg", "backup-repo-a", "--no-verify")["results"][0]["point"]
+    time.sleep(1.1)
+    second = lab.json("run", "--leg", "backup-repo-a", "--no-verify")["results"][0]["point"]
+    doc = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r1"))
+    assert doc["point"] == second and doc["ok"], doc
+    restore_run = lab.json("runs", "--policy", "docs", "--limit", "1")["runs"][0]
+    verbs = [c["argv"][3] for c in restore_run["command_log"]]
+    assert verbs == ["restore"], restore_run["command_log"]
+
+    env = {**os.environ, "RESTIC_PASSWORD": PASSWORD}
+    subprocess.run(["restic", "-r", str(lab.repo_a), "forget", second], env=env, check=True, capture_output=True)
+    plan = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r2"), "--dry-run")
+    assert plan["point"] == first, plan
+
+    fresh = {**os.environ, "DRTOOL_STATE_DIR": str(lab.root / "other-state")}  # a catalog with no record of them
+    p = subprocess.run([DRTOOL, "-c", str(lab.config), "restore", "--policy", "docs", "--leg", "backup-repo-a", "--target",
+                        str(lab.root / "r3"), "--dry-run", "--json"], capture_output=True, text=True, env=fresh, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout)["point"] == first, p.stdout + p.stderr
+
+
 def test_progress_on_a_terminal(lab):
     """On a TTY drtool draws rich progress; the code path must work, not only the --json one."""
     import pty
