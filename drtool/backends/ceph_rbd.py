@@ -407,7 +407,8 @@ class RbdCli:
 
     def replicate(self, src_pool: str, image: str, snap: str, dst: RbdCli, dst_pool: str, dst_image: str, *,
                   from_snap: str | None, force: bool = False, progress: ProgressFn | None = None,
-                  timeout: float = STREAM_TIMEOUT_S) -> int:
+                  timeout: float = STREAM_TIMEOUT_S, src_snaps: list[RbdSnap] | None = None,
+                  dst_snaps: list[RbdSnap] | None = None) -> int:
         """Send ``src_pool/image@snap`` to ``dst_pool/dst_image`` (``dst``: the target
         cluster's RbdCli, ``self`` for the same cluster): ``rbd export-diff [--from-snap
         from_snap] … - | rbd import-diff - …``. import-diff creates ``@snap`` on the target.
@@ -422,14 +423,16 @@ class RbdCli:
           changed: rbd's diffs track writes, and a rollback writes; hence ``force``.)
 
         The stream runs on two pipes with splice(2) between them (counted, never copied
-        into Python); returns the bytes of the diff stream."""
+        into Python); returns the bytes of the diff stream. ``src_snaps``/``dst_snaps``:
+        the two sides' snapshot lists when the caller has just read them (saves an rbd
+        call each; the target's changes since the base are always read here)."""
         src, target = spec(src_pool, image, snap), spec(dst_pool, dst_image)
-        src_snaps = {s.name: s for s in self.list_snaps(src_pool, image)}
-        if snap not in src_snaps:
-            raise RbdNotFound(f"cannot replicate {src}: no such snapshot (it has: {_names(src_snaps) or 'none'})")
+        src_by_name = {s.name: s for s in (self.list_snaps(src_pool, image) if src_snaps is None else src_snaps)}
+        if snap not in src_by_name:
+            raise RbdNotFound(f"cannot replicate {src}: no such snapshot (it has: {_names(src_by_name) or 'none'})")
         created = False
         if from_snap:
-            if self._check_incremental(src_pool, image, snap, src_snaps, dst, dst_pool, dst_image, from_snap, force):
+            if self._check_incremental(src_pool, image, snap, src_by_name, dst, dst_pool, dst_image, from_snap, force, dst_snaps):
                 log.warning("rolling %s back to @%s before the send (force): it changed since", target, from_snap)
                 dst.rollback(dst_pool, dst_image, from_snap)
         else:
@@ -437,7 +440,7 @@ class RbdCli:
                 raise RbdError(f"refusing a full send of {src} into {target}: the target image exists; remove it "
                                f"(rbd rm {target}) or send incrementally (from_snap=<the newest snapshot both hold>)")
             info = self.image_info(src_pool, image)
-            dst._create(dst_pool, dst_image, src_snaps[snap].size, int(info.get("object_size") or 0) or None)
+            dst._create(dst_pool, dst_image, src_by_name[snap].size, int(info.get("object_size") or 0) or None)
             created = True
         export = ["export-diff", "--no-progress", *(["--from-snap", from_snap] if from_snap else []), src, "-"]
         try:
@@ -451,7 +454,8 @@ class RbdCli:
             raise
 
     def _check_incremental(self, src_pool: str, image: str, snap: str, src_snaps: dict[str, RbdSnap], dst: RbdCli,
-                           dst_pool: str, dst_image: str, from_snap: str, force: bool) -> bool:
+                           dst_pool: str, dst_image: str, from_snap: str, force: bool,
+                           dst_listed: list[RbdSnap] | None = None) -> bool:
         """Refuse an incremental send that cannot apply; True when the target must be
         rolled back first (it changed since ``from_snap`` and ``force`` allows it)."""
         src, target = spec(src_pool, image, snap), spec(dst_pool, dst_image)
@@ -461,7 +465,7 @@ class RbdCli:
                                  f"does not exist on the source (it has: {_names(src_snaps) or 'none'}); use the newest "
                                  f"snapshot both sides still hold as from_snap, or {full_fix}")
         try:
-            dst_snaps = {s.name: s for s in dst.list_snaps(dst_pool, dst_image)}
+            dst_snaps = {s.name: s for s in (dst.list_snaps(dst_pool, dst_image) if dst_listed is None else dst_listed)}
         except RbdNotFound as e:
             if "error opening pool" in e.stderr:
                 raise

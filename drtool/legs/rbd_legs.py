@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -217,11 +218,14 @@ class RbdReplicateLeg(_RbdLeg):
             raise SourceError(f"source image {self.src_pool}/{self.image} does not exist") from None
         return [s for s in snaps if s.name.startswith(prefix)]
 
-    def _target_names(self) -> set[str]:
+    def _target_snaps(self) -> list[RbdSnap]:
         try:
-            return {s.name for s in self._cli(self.leg.to).list_snaps(self.dst_pool, self.dst_image)}  # type: ignore[arg-type]
+            return self._cli(self.leg.to).list_snaps(self.dst_pool, self.dst_image)  # type: ignore[arg-type]
         except RbdNotFound:
-            return set()
+            return []
+
+    def _target_names(self) -> set[str]:
+        return {s.name for s in self._target_snaps()}
 
     def base_snapshot(self) -> str | None:
         """The newest drtool snapshot both sides have: the next incremental's base."""
@@ -238,11 +242,20 @@ class RbdReplicateLeg(_RbdLeg):
         return f"would send the newest snapshot of {self.src_pool}/{self.image} to {self.leg.to}:{self.dst_pool}/{self.dst_image} ({how})"
 
     def run(self, rec: Any) -> LegOutcome:
-        snaps = self._source_snaps()
+        with ThreadPoolExecutor(2, thread_name_prefix="rbd-list") as pool:  # both sides at once: each rbd call connects to a cluster
+            src_all = pool.submit(self._cli(self.policy.source.location).list_snaps, self.src_pool, self.image)
+            dst_all = pool.submit(self._target_snaps)
+            try:
+                src_listed = src_all.result()
+            except RbdNotFound:
+                raise SourceError(f"source image {self.src_pool}/{self.image} does not exist") from None
+            dst_listed = dst_all.result()
+        prefix = snap_prefix(self.policy.name, self.snapshot_leg)
+        snaps = [s for s in src_listed if s.name.startswith(prefix)]
         if not snaps:
             raise SourceError(f"{self.src_pool}/{self.image} has no snapshot of {self.policy.name}/{self.snapshot_leg} yet: run the snapshot leg first")
         newest = snaps[-1]
-        on_target = self._target_names()
+        on_target = {s.name for s in dst_listed}
         if newest.name in on_target:
             raise UsageError(f"{self.dst_pool}/{self.dst_image} already has {newest.name}: take a new snapshot first")
         common = [s.name for s in snaps if s.name in on_target]
@@ -254,7 +267,8 @@ class RbdReplicateLeg(_RbdLeg):
         rec.start()
         with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: {'incremental' if base else 'full'} → {self.leg.to}") as task:
             sent = src.replicate(self.src_pool, self.image, newest.name, dst, self.dst_pool, self.dst_image, from_snap=base,
-                                 force=self.ctx.force, progress=lambda p: task.update(completed=p.get("bytes", 0)))
+                                 force=self.ctx.force, progress=lambda p: task.update(completed=p.get("bytes", 0)),
+                                 src_snaps=src_listed, dst_snaps=dst_listed if on_target else None)
         point = RecoveryPoint(id=f"{self.dst_pool}/{self.dst_image}@{newest.name}",
                               time=_time(newest, snap_prefix(self.policy.name, self.snapshot_leg)), location=self.leg.to,  # type: ignore[arg-type]
                               policy=self.policy.name, leg=self.leg.leg_name, size_bytes=newest.size)
