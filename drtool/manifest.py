@@ -17,7 +17,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import blake3
 
@@ -125,13 +125,13 @@ def still_valid(entries: list[Entry]) -> list[Entry]:
     return keep
 
 
-BIG_FILE = 16 << 20  # above this, one file is hashed on every core (mmap), like b3sum
+BIG_FILE = 64 << 10  # from this size, files are mapped (no copy) and hashed one at a time on every core, like b3sum
 
 
 def hash_file_fast(path: str, size: int | None = None, *, threads: bool = True) -> str:
-    """BLAKE3 of a file for verification: big files via mmap (the mapping is transient),
-    on every core unless ``threads`` is off (a pool of file hashers already fills them),
-    small ones in 1 MiB chunks."""
+    """BLAKE3 of a file for verification: mapped (the mapping is transient; its pages
+    count in RSS while it lasts) and on every core unless ``threads`` is off; small
+    files read in 1 MiB chunks."""
     if size is None:
         size = os.stat(path).st_size
     if size >= BIG_FILE:
@@ -139,6 +139,20 @@ def hash_file_fast(path: str, size: int | None = None, *, threads: bool = True) 
         h.update_mmap(path)
         return h.hexdigest()
     return hash_file(path)
+
+
+def _parallel(items: list[Any], size: Callable[[Any], int], fn: Callable[[Any, bool], Any], workers: int | None) -> list[Any]:
+    """``fn(item, threads)`` for every item, as b3sum would and then some: big files one
+    at a time with every core on each (``threads``), then the rest on a pool of one
+    file per core (each single-threaded, so the two kinds of parallelism never fight
+    over the cores). Results in the order: big files biggest first, then the rest."""
+    n = _workers(workers)
+    ordered = sorted(items, key=lambda i: -size(i))  # biggest first: no straggler at the end
+    big = [i for i in ordered if size(i) >= BIG_FILE]
+    out = [fn(i, True) for i in big]
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hash") as pool:
+        out.extend(pool.map(lambda i: fn(i, n == 1), ordered[len(big):]))
+    return out
 
 
 def _workers(workers: int | None) -> int:
@@ -154,12 +168,15 @@ def _entry(path: str, threads: bool) -> Entry | None:
 
 
 def full(paths: list[str], workers: int | None = None) -> list[Entry]:
-    """Every regular file under ``paths`` with its BLAKE3: one file per core at a time
-    (each single-threaded, so the two kinds of parallelism do not fight over the cores)."""
-    files = [e if isinstance(e, str) else e.path for e in walk_files(paths)]
-    n = _workers(workers)
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="manifest") as pool:
-        return [e for e in pool.map(lambda f: _entry(f, n == 1), files) if e is not None]
+    """Every regular file under ``paths`` with its BLAKE3 (see ``_parallel``), in path order."""
+    files: list[tuple[str, int]] = []
+    for e in walk_files(paths):
+        try:
+            files.append((e, os.stat(e).st_size) if isinstance(e, str) else (e.path, e.stat(follow_symlinks=False).st_size))
+        except OSError:
+            continue
+    entries = _parallel(files, lambda f: f[1], lambda f, threads: _entry(f[0], threads), workers)
+    return sorted((e for e in entries if e is not None), key=lambda e: e.path)
 
 
 def write_file(path: Path, entries: list[Entry]) -> None:
@@ -180,9 +197,7 @@ def read_file(path: Path) -> list[dict]:
 def compare_tree(root: Path, entries: list[dict], workers: int | None = None) -> list[str]:
     """Mismatches of the files under ``root`` (a restore target: entry paths re-rooted
     there) against ``entries``; files hashed in parallel."""
-    n = _workers(workers)
-
-    def one(e: dict) -> str | None:
+    def one(e: dict, threads: bool) -> str | None:
         restored = root / e["path"].lstrip("/")
         try:
             st = restored.stat()
@@ -190,8 +205,6 @@ def compare_tree(root: Path, entries: list[dict], workers: int | None = None) ->
             return f"{e['path']}: missing"
         if st.st_size != e["size"]:
             return f"{e['path']}: size {st.st_size}, {e['size']} at backup"
-        return None if hash_file_fast(str(restored), st.st_size, threads=n == 1) == e["blake3"] else f"{e['path']}: BLAKE3 differs"
+        return None if hash_file_fast(str(restored), st.st_size, threads=threads) == e["blake3"] else f"{e['path']}: BLAKE3 differs"
 
-    ordered = sorted(entries, key=lambda e: -int(e.get("size") or 0))  # biggest first: no straggler at the end
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="compare") as pool:
-        return [m for m in pool.map(one, ordered) if m]
+    return [m for m in _parallel(entries, lambda e: int(e.get("size") or 0), one, workers) if m]
