@@ -13,7 +13,7 @@ import pytest
 
 from conformance.objectstore_suite import ObjectStoreConformance
 
-from drtool.backends.objectstore import ChecksumMismatch, ObjectLocked, ObjectNotFound, ObjectStore
+from drtool.backends.objectstore import ChecksumMismatch, ObjectLocked, ObjectNotFound, ObjectStore, ObjectStoreError
 from drtool.backends.s3 import S3Store
 
 MiB = 1024 * 1024
@@ -186,12 +186,24 @@ def test_interrupted_upload_leaves_no_object_and_no_pending_upload(seaweedfs, ve
 
 # -- the ETag proof ------------------------------------------------------------------- #
 
-def _corrupting_client(seaweedfs, operation: str, part: int | None = None):
+def _corrupting_client(seaweedfs, operation: str, part: int | None = None, *, no_additional_checksums: bool = False):
     """A real client whose ``operation`` request body gets one byte flipped after
     HashingReader saw it and before it is signed and sent: corruption on the wire,
     which S3 stores faithfully and reports in its ETag. Flexible checksums are off for
-    this client (else botocore's CRC32 header would make S3 reject the body itself)."""
+    this client (else botocore's CRC32 header would make S3 reject the body itself).
+    ``no_additional_checksums``: the x-amz-checksum-* headers drtool sets are dropped
+    before signing, so the store behaves like one without additional checksums (it
+    keeps none and answers with none)."""
     client = seaweedfs.client(request_checksum_calculation="when_required")
+
+    def strip(request, **_kw):
+        for name in list(request.headers.keys()):
+            if name.lower().startswith(("x-amz-checksum", "x-amz-sdk-checksum")):
+                del request.headers[name]
+
+    if no_additional_checksums:
+        for op in ("CreateMultipartUpload", "UploadPart"):
+            client.meta.events.register(f"before-sign.s3.{op}", strip)
 
     def flip(request, **_kw):
         if part is not None and f"partNumber={part}" not in request.url:
@@ -216,14 +228,46 @@ def test_checksum_mismatch_on_a_single_put_deletes_the_object(seaweedfs, version
     assert seaweedfs.client().list_object_versions(Bucket=bucket).get("Versions", []) == []
 
 
-def test_checksum_mismatch_in_a_multipart_upload_deletes_the_object(seaweedfs):
+def test_a_corrupted_part_is_refused_by_its_crc32c_and_nothing_is_left(seaweedfs):
+    """Multipart parts carry their CRC32C (S3 additional checksums): the store refuses a
+    part whose bytes do not match it, drtool aborts the upload."""
     bucket = seaweedfs.make_bucket("summp")
     store = make_store(seaweedfs, bucket, client=_corrupting_client(seaweedfs, "UploadPart", part=2))
-    with pytest.raises(ChecksumMismatch, match=r"-3'"):
+    with pytest.raises(ObjectStoreError, match="BadDigest"):
         store.put_stream("k", io.BytesIO(os.urandom(11 * MiB)), part_size=5 * MiB)
     with pytest.raises(ObjectNotFound):
         store.stat("k")
     assert seaweedfs.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_multipart_proof_is_the_composite_crc32c(seaweedfs):
+    import base64
+
+    import google_crc32c
+
+    bucket = seaweedfs.make_bucket("sumcrc")
+    data = os.urandom(11 * MiB)
+    res = make_store(seaweedfs, bucket).put_stream("k", io.BytesIO(data), part_size=5 * MiB)
+    parts = [data[i:i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
+    want = base64.b64encode(google_crc32c.Checksum(b"".join(google_crc32c.Checksum(p).digest() for p in parts)).digest()).decode()
+    assert res.store_checksum["crc32c"] == f"{want}-3", res.store_checksum
+    head = seaweedfs.client().head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32C"] == res.store_checksum["crc32c"]
+
+
+def test_without_additional_checksums_the_etag_proof_catches_a_corrupted_part(seaweedfs):
+    """A store that keeps no additional checksums (the headers never reach it here) is
+    proved by the multipart ETag (MD5 of the parts' MD5s): the corrupted part shows."""
+    bucket = seaweedfs.make_bucket("summd5")
+    store = make_store(seaweedfs, bucket, client=_corrupting_client(seaweedfs, "UploadPart", part=2, no_additional_checksums=True))
+    with pytest.raises(ChecksumMismatch, match=r"store ETAG .*-3'"):
+        store.put_stream("k", io.BytesIO(os.urandom(11 * MiB)), part_size=5 * MiB)
+    with pytest.raises(ObjectNotFound):
+        store.stat("k")
+    assert seaweedfs.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    ok = make_store(seaweedfs, bucket, client=_corrupting_client(seaweedfs, "UploadPart", part=99, no_additional_checksums=True))
+    res = ok.put_stream("k2", io.BytesIO(os.urandom(11 * MiB)), part_size=5 * MiB)
+    assert set(res.store_checksum) == {"etag"} and res.store_checksum["etag"].endswith("-3")
 
 
 def test_a_failed_proof_on_a_locked_bucket_says_the_bad_version_stays(seaweedfs):
