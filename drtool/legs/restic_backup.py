@@ -17,7 +17,7 @@ from ..backends.base import RecoveryPoint, Repository
 from ..errors import DrtoolError, UsageError
 from ..phases import RunPhase
 from .base import LegDriver, LegOutcome
-from .cephfs_legs import SNAP_TAG, backup_snapshot
+from .cephfs_legs import SNAP_TAG, Tree, backup_snapshot
 
 
 class ResticBackupLeg(LegDriver):
@@ -159,8 +159,6 @@ class ResticBackupLeg(LegDriver):
         out = list(cmds)
         cmds.clear()
         if self._cephfs() is not None:  # the snapshot the backup read: its ceph commands and .snap mkdir/rmdir
-            from .cephfs_legs import Tree
-
             fs_cmds = Tree(self.ctx, self.policy.source.location).cli.commands
             out = list(fs_cmds) + out
             fs_cmds.clear()
