@@ -49,6 +49,14 @@ class BackendError(DrtoolError):
     pass
 
 
+class ToolError(BackendError):
+    """A storage tool's command failed or was refused; ``stderr`` is its (cleaned) error text."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
 class VerificationFailed(DrtoolError):
     pass
 

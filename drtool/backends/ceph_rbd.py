@@ -48,7 +48,7 @@ from typing import Any, BinaryIO, Callable
 
 from .. import exec as ex
 from .. import pipes
-from ..errors import BackendError
+from ..errors import ToolError
 from .base import ProgressFn
 
 log = logging.getLogger("drtool.ceph_rbd")
@@ -64,12 +64,8 @@ _POINTER = re.compile(r"\b0x[0-9a-f]{6,}\s*")
 _NAME_BAD = re.compile(r"[/@\s]")
 
 
-class RbdError(BackendError):
+class RbdError(ToolError):
     """An rbd command failed or was refused; ``stderr`` is rbd's (cleaned) error text."""
-
-    def __init__(self, message: str, stderr: str = "") -> None:
-        super().__init__(message)
-        self.stderr = stderr
 
 
 class RbdNotFound(RbdError):

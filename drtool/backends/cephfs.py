@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import exec as ex
-from ..errors import BackendError
+from ..errors import ToolError
 
 log = logging.getLogger("drtool.cephfs")
 
@@ -92,13 +92,9 @@ _mounts: dict[str, tuple["CephFsMount", str]] = {}
 _mounts_lock = threading.Lock()
 
 
-class CephFsError(BackendError):
+class CephFsError(ToolError):
     """A CephFS operation failed or was refused; ``stderr`` is the tool's error text
     (empty for file-system calls)."""
-
-    def __init__(self, message: str, stderr: str = "") -> None:
-        super().__init__(message)
-        self.stderr = stderr
 
 
 class CephFsNotFound(CephFsError):

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from .. import exec as ex
 from .. import pipes
-from ..errors import BackendError
+from ..errors import ToolError
 from .base import ProgressFn
 
 log = logging.getLogger("drtool.zfs")
@@ -36,12 +36,8 @@ FEATURES_TTL_S = 24 * 3600.0
 SNAP_PROPS = "type,guid,createtxg,creation,used,referenced,userrefs"
 
 
-class ZfsError(BackendError):
+class ZfsError(ToolError):
     """A zfs/zpool command failed; ``stderr`` is its (usage-trimmed) error text."""
-
-    def __init__(self, message: str, stderr: str = "") -> None:
-        super().__init__(message)
-        self.stderr = stderr
 
 
 class ZfsNotFound(ZfsError):

@@ -21,7 +21,7 @@ import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,21 +31,14 @@ from ..backends.ceph_rbd import keyring_path
 from ..backends.cephfs import SNAPDIR, CephFsCli, CephFsConn, CephFsError, CephFsMount, CephFsNotFound, FsSnap
 from ..errors import BackendError, ConfigError, SourceError, UsageError
 from .base import LegDriver, LegOutcome
+from .naming import name_time, owned_name, snap_prefix
 
 log = logging.getLogger("drtool.cephfs")
-TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 SNAP_TAG = "drtool:cephfs-snapshot="
 
 
-def snap_prefix(policy: str, leg: str) -> str:
-    return f"drtool-{policy}-{leg}-"
-
-
 def _time(s: FsSnap, prefix: str) -> datetime:
-    try:
-        return datetime.strptime(s.name[len(prefix):], TIME_FORMAT).replace(tzinfo=timezone.utc)
-    except ValueError:
-        return s.created or datetime.fromtimestamp(0, timezone.utc)
+    return name_time(s.name, prefix, s.created)
 
 
 @dataclass
@@ -193,7 +186,7 @@ class CephFsSnapshotLeg(LegDriver):
         return f"{self.policy.name}.{self.leg.leg_name}"
 
     def _name(self) -> str:
-        return self.prefix + f"{self.ctx.now().astimezone(timezone.utc):{TIME_FORMAT}}"
+        return owned_name(self.policy.name, self.leg.leg_name, self.ctx.now())
 
     def describe(self) -> str:
         return f"would snapshot {self.tree.what} as {self._name()}"
@@ -340,7 +333,7 @@ def _backup_snapshot(driver: Any, tree: Tree, label: str) -> Iterator[tuple[Path
         if stale:  # a crashed run's transient snapshot: ours, and never a recovery point
             log.warning("%s: removing %d leftover backup snapshot(s) of %s: %s", policy.name, len(stale), tree.what, ", ".join(stale))
             tree.remove(stale, label)
-        snap = tree.create(prefix + f"{driver.ctx.now().astimezone(timezone.utc):{TIME_FORMAT}}", label)
+        snap = tree.create(owned_name(policy.name, leg.leg_name, driver.ctx.now()), label)
         when = _time(snap, prefix)
     try:
         with tree.open_snap(snap.name, label) as d:

@@ -16,27 +16,20 @@ from __future__ import annotations
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from ..backends.base import RecoveryPoint
 from ..backends.ceph_rbd import CephConn, RbdCli, RbdError, RbdNotFound, RbdSnap, keyring_path
 from ..errors import BackendError, ConfigError, SourceError, UsageError
 from .base import LegDriver, LegOutcome
+from .naming import name_time, owned_name, snap_prefix
 
 log = logging.getLogger("drtool.rbd")
-TIME_FORMAT = "%Y%m%dT%H%M%SZ"
-
-
-def snap_prefix(policy: str, leg: str) -> str:
-    return f"drtool-{policy}-{leg}-"
 
 
 def _time(s: RbdSnap, prefix: str) -> datetime:
-    try:
-        return datetime.strptime(s.name[len(prefix):], TIME_FORMAT).replace(tzinfo=timezone.utc)
-    except ValueError:
-        return s.timestamp or datetime.fromtimestamp(0, timezone.utc)
+    return name_time(s.name, prefix, s.timestamp)
 
 
 class _RbdLeg(LegDriver):
@@ -91,6 +84,20 @@ class _RbdLeg(LegDriver):
             cli.commands.clear()
         return out
 
+    @staticmethod
+    def _clone_restore(cli: RbdCli, point: RecoveryPoint, pool: str, image: str, snap: str, target: tuple[str, str],
+                       where: str) -> LegOutcome:
+        """Clone ``pool/image@snap`` into the new image ``target`` (flattened) and prove it
+        hashes like the snapshot."""
+        new_pool, new_image = target
+        cli.clone(pool, image, snap, new_pool, new_image, flatten=True)
+        want, _ = cli.export_hash(pool, image, snap)
+        got, n = cli.export_hash(new_pool, new_image, None)
+        mismatches = [] if want == got else [f"{new_pool}/{new_image} hashes {got[:12]}…, the snapshot {want[:12]}…"]
+        return LegOutcome(point=point, bytes_processed=n, detail={"image": f"{new_pool}/{new_image}", "mismatches": mismatches},
+                          message=f"cloned {point.id} into {where}{new_pool}/{new_image} (flattened)"
+                                  + ("; SHA-256 matches the snapshot" if not mismatches else ""))
+
     def _hash_check(self, level: str, a: tuple[RbdCli, str, str, str], b: tuple[RbdCli, str, str, str] | None) -> dict[str, Any]:
         """integrity: stream the whole snapshot(s) through SHA-256 (and compare the two sides);
         sample: hash 16 random 1 MiB extents on both sides."""
@@ -127,7 +134,7 @@ class RbdSnapshotLeg(_RbdLeg):
         return self._loc(self.policy.source.location).pool
 
     def _name(self) -> str:
-        return snap_prefix(self.policy.name, self.leg.leg_name) + f"{self.ctx.now().astimezone(timezone.utc):{TIME_FORMAT}}"
+        return owned_name(self.policy.name, self.leg.leg_name, self.ctx.now())
 
     def describe(self) -> str:
         return f"would snapshot {self.pool}/{self.image} as {self._name()}"
@@ -186,13 +193,7 @@ class RbdSnapshotLeg(_RbdLeg):
         if rollback:
             cli.rollback(self.pool, self.image, snap)
             return LegOutcome(point=point, message=f"rolled {self.pool}/{self.image} back to {snap}", detail={"rollback": True})
-        pool, image = _split(target, self.pool)  # type: ignore[arg-type]
-        cli.clone(self.pool, self.image, snap, pool, image, flatten=True)
-        want, _ = cli.export_hash(self.pool, self.image, snap)
-        got, n = cli.export_hash(pool, image, None)
-        mismatches = [] if want == got else [f"{pool}/{image} hashes {got[:12]}…, the snapshot {want[:12]}…"]
-        return LegOutcome(point=point, bytes_processed=n, detail={"image": f"{pool}/{image}", "mismatches": mismatches},
-                          message=f"cloned {point.id} into {pool}/{image} (flattened)" + ("; SHA-256 matches the snapshot" if not mismatches else ""))
+        return self._clone_restore(cli, point, self.pool, self.image, snap, _split(target, self.pool), "")  # type: ignore[arg-type]
 
 
 class RbdReplicateLeg(_RbdLeg):
@@ -313,13 +314,8 @@ class RbdReplicateLeg(_RbdLeg):
         self.restore_preflight(target, rollback=rollback)
         cli = self._cli(self.leg.to)  # type: ignore[arg-type]
         snap = point.id.split("@", 1)[1]
-        pool, image = _split(target, self.dst_pool)  # type: ignore[arg-type]
-        cli.clone(self.dst_pool, self.dst_image, snap, pool, image, flatten=True)
-        want, _ = cli.export_hash(self.dst_pool, self.dst_image, snap)
-        got, n = cli.export_hash(pool, image, None)
-        mismatches = [] if want == got else [f"{pool}/{image} hashes {got[:12]}…, the replica snapshot {want[:12]}…"]
-        return LegOutcome(point=point, bytes_processed=n, detail={"image": f"{pool}/{image}", "mismatches": mismatches},
-                          message=f"cloned {point.id} into {self.leg.to}:{pool}/{image} (flattened)" + ("; SHA-256 matches" if not mismatches else ""))
+        return self._clone_restore(cli, point, self.dst_pool, self.dst_image, snap, _split(target, self.dst_pool),  # type: ignore[arg-type]
+                                   f"{self.leg.to}:")
 
 
 def _split(target: str, default_pool: str) -> tuple[str, str]:

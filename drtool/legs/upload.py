@@ -27,9 +27,9 @@ from ..backends.base import RecoveryPoint
 from ..backends.objectstore import ObjectLocked, ObjectNotFound, ObjectStore, RetentionState
 from ..errors import BackendError, DrtoolError, SourceError, UsageError
 from .base import LegDriver, LegOutcome
+from .naming import TIME_FORMAT, snap_prefix
 
 log = logging.getLogger("drtool.legs.upload")
-TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "drtool-upload-manifest/1"
 PLATFORM_KINDS = ("vault-raft", "etcd", "machineconfig")
@@ -104,7 +104,6 @@ class UploadLeg(LegDriver):
 
     def _newest_rbd(self) -> str:
         """pool/image@snap: the newest snapshot the policy's snapshot leg made (sent as a full export-diff stream)."""
-        from .rbd_legs import snap_prefix
 
         legs = [leg.leg_name for leg in self.policy.legs if leg.kind == "snapshot"]
         if not legs:

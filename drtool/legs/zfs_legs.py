@@ -17,7 +17,7 @@ import logging
 import random
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable
 
 from ..backends.base import RecoveryPoint
@@ -26,6 +26,7 @@ from .. import exec as ex
 from ..errors import BackendError, ConfigError, SourceError, UsageError
 from ..policy.models import ZfsLocation
 from .base import LegDriver, LegOutcome
+from .naming import stamp
 
 log = logging.getLogger("drtool.zfs")
 
@@ -35,7 +36,7 @@ PROP_REPLICA_OF = "drtool:replica-of"
 
 
 def snapshot_name(policy: str, when: datetime) -> str:
-    return f"drtool-{policy}-{when.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
+    return f"drtool-{policy}-{stamp(when)}"
 
 
 def _point(s: ZfsSnapshot, location: str, policy: str | None, leg: str | None) -> RecoveryPoint:

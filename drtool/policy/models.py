@@ -187,19 +187,17 @@ class S3Location(ObjectLocationBase):
         return self
 
 
-class CephRbdLocation(LocationBase):
-    """A Ceph RBD pool: where a source image lives (snapshot legs), or where replicas are imported (replicate legs)."""
+class CephClusterLocation(LocationBase):
+    """How the Ceph tools reach a cluster: its ceph.conf, a cephx client and its keyring.
+    Two locations with the same conf are one cluster (one failure domain)."""
 
-    type: Literal["ceph-rbd"] = Field(description="Location type.")
-    pool: str = Field(description="The RBD pool.", examples=["kube"], min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     conf: str = Field("/etc/ceph/ceph.conf", description="The cluster's ceph.conf (absolute path).", examples=["/etc/ceph/ceph.conf"])
     keyring: str | SecretRef | None = Field(
         None, description="The client's keyring: a file (absolute path, readable only by drtool's user), or a secret reference to "
         "its content (handed to the Ceph tools as an in-memory file, never on disk). Default: what ceph.conf says.",
         examples=["/etc/ceph/ceph.client.drtool.keyring", {"vault": "secret/ceph/drtool#keyring"}])
-    client_id: str = Field("admin", description="The cephx client id (rbd --id).", examples=["drtool"])
-
-    sample_name: ClassVar[str] = "ceph-rbd"
+    client_id: str = Field("admin", description="The cephx client id (the tools' --id; to snapshot a CephFS path its mds caps "
+                           "need the 's' flag).", examples=["drtool"])
 
     @field_validator("conf", "keyring")
     @classmethod
@@ -209,7 +207,16 @@ class CephRbdLocation(LocationBase):
         return v
 
 
-class CephFsLocation(LocationBase):
+class CephRbdLocation(CephClusterLocation):
+    """A Ceph RBD pool: where a source image lives (snapshot legs), or where replicas are imported (replicate legs)."""
+
+    type: Literal["ceph-rbd"] = Field(description="Location type.")
+    pool: str = Field(description="The RBD pool.", examples=["kube"], min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    sample_name: ClassVar[str] = "ceph-rbd"
+
+
+class CephFsLocation(CephClusterLocation):
     """A CephFS tree: a directory of the file system (``path``) or a subvolume (``subvolume``,
     optionally in a ``group``). Snapshot legs snapshot it in place; backup legs back up a
     snapshot of it with restic (point-in-time consistent)."""
@@ -224,22 +231,8 @@ class CephFsLocation(LocationBase):
                                   pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     group: str | None = Field(None, description="The subvolume's group (default: the ungrouped '_nogroup').", examples=["csi"],
                               pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    conf: str = Field("/etc/ceph/ceph.conf", description="The cluster's ceph.conf (absolute path).", examples=["/etc/ceph/ceph.conf"])
-    keyring: str | SecretRef | None = Field(
-        None, description="The client's keyring: a file (absolute path, readable only by drtool's user), or a secret reference to "
-        "its content (handed to the Ceph tools as an in-memory file, never on disk). Default: what ceph.conf says.",
-        examples=["/etc/ceph/ceph.client.drtool.keyring", {"vault": "secret/ceph/drtool#keyring"}])
-    client_id: str = Field("admin", description="The cephx client id (its mds caps need the 's' flag to snapshot a path).",
-                           examples=["drtool"])
 
     sample_name: ClassVar[str] = "cephfs"
-
-    @field_validator("conf", "keyring")
-    @classmethod
-    def _abs(cls, v: Any) -> Any:
-        if isinstance(v, str) and not v.startswith("/"):
-            raise ValueError(f"{v!r} is a relative path: write an absolute path")
-        return v
 
     @field_validator("path")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from ..durations import format_duration
 from .loader import Config
-from .models import LocationBase, Policy
+from .models import CephClusterLocation, LocationBase, Policy
 
 RULES = ("3 copies", "2 media", "1 offsite", "1 immutable or offline", "0 errors")
 
@@ -117,9 +117,8 @@ def _main_content(policy: Any) -> str:
 
 def _same_ceph_cluster(a: LocationBase, b: LocationBase) -> bool:
     """Two Ceph locations reached through the same ceph.conf are one cluster."""
-    ceph = ("ceph-rbd", "cephfs")
-    return (a is not b and getattr(a, "type", "") in ceph and getattr(b, "type", "") in ceph
-            and os.path.normpath(a.conf) == os.path.normpath(b.conf))  # type: ignore[attr-defined]
+    return (a is not b and isinstance(a, CephClusterLocation) and isinstance(b, CephClusterLocation)
+            and os.path.normpath(a.conf) == os.path.normpath(b.conf))
 
 
 def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None = None,
@@ -163,7 +162,7 @@ def assess(policy: Policy, cfg: Config, health: Mapping[str, LegHealth] | None =
             }
             if h.immutability:
                 c.immutability = h.immutability
-        if leg.kind == "snapshot" and getattr(src, "type", "") in ("ceph-rbd", "cephfs"):
+        if leg.kind == "snapshot" and isinstance(src, CephClusterLocation):
             c.reason = "a snapshot in the same Ceph cluster is a recovery point, not a copy: it is lost with the cluster"
         elif leg.kind == "snapshot":
             c.reason = "a snapshot on the source's own storage is a recovery point, not an independent copy"
