@@ -40,7 +40,12 @@ def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> Reco
     from .legs import driver_for
 
     driver = driver_for(ctx, policy, leg)
-    points = driver.restore_points()
+    # ``latest`` and an id may come from the driver's fast path (restore_points); ``random``
+    # and ``latest-verified`` choose among every point, and an id the fast path does not
+    # know is looked for in the full listing too
+    points = driver.restore_points() if selector not in ("random", "latest-verified") else driver.points()
+    if selector not in ("latest", "random", "latest-verified") and not _matching(points, selector):
+        points = driver.points()
     if not points:
         raise DrtoolError(f"no recovery point of {policy.name}/{leg.leg_name} exists in {driver.location}")
     if selector == "latest":
@@ -55,10 +60,14 @@ def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> Reco
         if not match:
             raise DrtoolError(f"no verified point of {policy.name}/{leg.leg_name} still exists in {driver.location}: run `drtool verify` first")
         return match[0]
-    match = [p for p in points if p.id.startswith(selector) or p.id.split("@", 1)[-1] == selector]
+    match = _matching(points, selector)
     if len(match) != 1:
         raise UsageError(f"point {selector!r} matches {len(match)} points of {policy.name}/{leg.leg_name}: use latest, latest-verified or a longer id")
     return match[0]
+
+
+def _matching(points: list[RecoveryPoint], selector: str) -> list[RecoveryPoint]:
+    return [p for p in points if p.id.startswith(selector) or p.id.split("@", 1)[-1] == selector]
 
 
 def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, target: str | None, include: tuple[str, ...] = (),

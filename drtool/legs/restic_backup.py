@@ -32,6 +32,13 @@ class ResticBackupLeg(LegDriver):
 
         return platform_source(self)  # type: ignore[arg-type]
 
+    def _ensure_repo(self) -> Repository:
+        """The repository, checked (or initialised, ``init: true``) once per command."""
+        if not getattr(self, "_ready", False):
+            self.repo.ensure_ready(create=getattr(self.ctx.cfg.location(self.leg.to), "init", False))  # type: ignore[arg-type]
+            self._ready = True
+        return self.repo
+
     def _cephfs(self) -> Any:
         loc = self.ctx.cfg.location(self.policy.source.location)
         return loc if getattr(loc, "type", "") == "cephfs" else None
@@ -69,7 +76,7 @@ class ResticBackupLeg(LegDriver):
     def _run_cephfs(self, rec: Any) -> LegOutcome:
         """Back up a CephFS snapshot (never the live tree): restic runs in the snapshot's
         directory on ``.``; the point's time is the snapshot's, its tag names it."""
-        self.repo.ensure_ready(create=getattr(self.ctx.cfg.location(self.leg.to), "init", False))  # type: ignore[arg-type]
+        self._ensure_repo()
         with backup_snapshot(self) as (snapdir, info, when):
             prev = [p for p in self.points() if any(t.startswith(SNAP_TAG) for t in p.meta.get("tags") or ())]
             return self._run_paths(rec, [str(snapdir)], info, root=snapdir, time=when,
@@ -80,8 +87,7 @@ class ResticBackupLeg(LegDriver):
         """``root``: back up that directory's content at the snapshot's root (``paths``
         is ``[root]``; the manifest's paths are from the root, as restic stores them)."""
         manifest.check_source(paths)
-        repo = self.repo
-        repo.ensure_ready(create=getattr(self.ctx.cfg.location(self.leg.to), "init", False))  # type: ignore[arg-type]
+        repo = self._ensure_repo()
         name = self.leg.leg_name
         with self.ctx.ui.task(f"{self.policy.name}/{name}: backup → {self.leg.to}") as task, ThreadPoolExecutor(1, thread_name_prefix="backup") as pool:
             def progress(msg: dict[str, Any]) -> None:
@@ -129,8 +135,9 @@ class ResticBackupLeg(LegDriver):
     def restore_points(self) -> list[RecoveryPoint]:
         """For a local repository, without a restic process (each one pays the repository's
         key derivation, ~0.5 s): the points this catalog recorded for the leg whose
-        snapshot file (named by the snapshot's full id) is still in the repository.
-        Otherwise, or when the catalog knows none, restic lists them."""
+        snapshot file (named by the snapshot's full id) is still in the repository. restic
+        lists them instead when the catalog knows none, or when a recorded point still in
+        the repository predates the recorded point time (a catalog from before it)."""
         root = self.repo.local_path
         if root:
             try:
@@ -138,10 +145,12 @@ class ResticBackupLeg(LegDriver):
             except OSError:
                 present = set()
             seen: dict[str, RecoveryPoint] = {}
-            for run in self.ctx.catalog.runs(policy=self.policy.name, kind="leg", limit=1000, leg=self.leg.leg_name):
-                when = (run.detail or {}).get("point_time")
-                if run.phase != RunPhase.succeeded.value or not when or run.recovery_point not in present:
+            for run in self.ctx.catalog.runs(policy=self.policy.name, kind="leg", limit=None, leg=self.leg.leg_name):
+                if run.phase != RunPhase.succeeded.value or run.recovery_point not in present:
                     continue
+                when = (run.detail or {}).get("point_time")
+                if not when:
+                    return self.points()
                 seen.setdefault(run.recovery_point, RecoveryPoint(
                     id=run.recovery_point, time=datetime.fromisoformat(when), location=self.leg.to or "", policy=self.policy.name,
                     leg=self.leg.leg_name, meta={"short_id": run.recovery_point[:8], "owned": True, "from": "catalog"}))

@@ -335,6 +335,16 @@ def test_restore_picks_points_from_the_catalog_and_the_repository_without_listin
                         str(lab.root / "r3"), "--dry-run", "--json"], capture_output=True, text=True, env=fresh, timeout=120)
     assert p.returncode == 0 and json.loads(p.stdout)["point"] == first, p.stdout + p.stderr
 
+    # that catalog now records one newer point: an older id it never recorded is still found (restic's listing)
+    time.sleep(1.1)
+    p = subprocess.run([DRTOOL, "-c", str(lab.config), "run", "--leg", "backup-repo-a", "--no-verify", "--json"],
+                       capture_output=True, text=True, env=fresh, timeout=120)
+    third = json.loads(p.stdout)["results"][0]["point"]
+    for selector, want in (("latest", third), (first[:10], first)):
+        p = subprocess.run([DRTOOL, "-c", str(lab.config), "restore", "--policy", "docs", "--leg", "backup-repo-a", "--point", selector,
+                            "--target", str(lab.root / "r4"), "--dry-run", "--json"], capture_output=True, text=True, env=fresh, timeout=120)
+        assert p.returncode == 0 and json.loads(p.stdout)["point"] == want, (selector, p.stdout + p.stderr)
+
 
 def test_progress_on_a_terminal(lab):
     """On a TTY drtool draws rich progress; the code path must work, not only the --json one."""
