@@ -229,17 +229,22 @@ class RbdReplicateLeg(_RbdLeg):
         return {s.name for s in self._target_snaps()}
 
     def base_snapshot(self) -> str | None:
-        """The newest drtool snapshot both sides have: the next incremental's base."""
+        """The newest drtool snapshot both sides have: the next incremental's base. None
+        when there is none, or the source image is gone; a cluster that cannot be read
+        raises (prune then stops rather than lose the base's pin)."""
+        on_target = self._target_names()
         try:
-            on_target = self._target_names()
             common = [s.name for s in self._source_snaps() if s.name in on_target]
-        except (RbdError, SourceError):
+        except SourceError:
             return None
         return common[-1] if common else None
 
     def describe(self) -> str:
-        base = self.base_snapshot()
-        how = f"incremental from {base}" if base else "full"
+        try:
+            base = self.base_snapshot()
+            how = f"incremental from {base}" if base else "full"
+        except RbdError as e:
+            how = f"base unknown: {e}"
         return f"would send the newest snapshot of {self.src_pool}/{self.image} to {self.leg.to}:{self.dst_pool}/{self.dst_image} ({how})"
 
     def run(self, rec: Any) -> LegOutcome:
@@ -295,7 +300,10 @@ class RbdReplicateLeg(_RbdLeg):
         """The newest replica snapshot against the same snapshot on the source (when it still exists)."""
         snap = points[-1].id.split("@", 1)[1]
         mine = (self._cli(self.leg.to), self.dst_pool, self.dst_image, snap)  # type: ignore[arg-type]
-        source = {s.name for s in self._source_snaps()}
+        try:
+            source = {s.name for s in self._source_snaps()}
+        except SourceError:  # the source image is gone (the disaster): the replica is checked alone
+            source = set()
         other = (self._cli(self.policy.source.location), self.src_pool, self.image, snap) if snap in source else None
         out = self._hash_check(level, mine, other)
         if other is None:

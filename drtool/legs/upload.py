@@ -58,10 +58,10 @@ class UploadLeg(LegDriver):
         if plat is not None:
             return plat.kind, plat.what, (up.name if up and up.name else plat.default_name())
         if self._zfs_source():
-            snap = self._newest_snapshot()
+            snap = self._sent = self._newest_snapshot()  # what the manifest records: the snapshot sent, not a re-listing
             return "zfs", snap.name, (up.name if up and up.name else f"{snap.snap}.zfs")
         if self._rbd_source():
-            spec = self._newest_rbd()
+            spec, self._sent = self._newest_rbd()
             return "rbd", spec, (up.name if up and up.name else f"{spec.split('@', 1)[1]}.rbddiff")
         paths = self.policy.source.paths
         if len(paths) != 1:
@@ -102,8 +102,9 @@ class UploadLeg(LegDriver):
         return self.ctx.backend(f"rbd:{self.policy.source.location}", lambda: RbdCli(CephConn(
             conf=loc.conf, keyring=keyring_path(loc, self.policy.source.location), client_id=loc.client_id)))  # type: ignore[attr-defined]
 
-    def _newest_rbd(self) -> str:
-        """pool/image@snap: the newest snapshot the policy's snapshot leg made (sent as a full export-diff stream)."""
+    def _newest_rbd(self) -> tuple[str, Any]:
+        """(pool/image@snap, its RbdSnap): the newest snapshot the policy's snapshot leg made
+        (sent as a full export-diff stream)."""
 
         legs = [leg.leg_name for leg in self.policy.legs if leg.kind == "snapshot"]
         if not legs:
@@ -112,7 +113,7 @@ class UploadLeg(LegDriver):
         snaps = [s for s in self._rbd().list_snaps(pool, image) if s.name.startswith(snap_prefix(self.policy.name, legs[0]))]
         if not snaps:
             raise SourceError(f"{pool}/{image} has no snapshot of {self.policy.name}/{legs[0]} yet: run the snapshot leg first")
-        return f"{pool}/{image}@{snaps[-1].name}"
+        return f"{pool}/{image}@{snaps[-1].name}", snaps[-1]
 
     def _zfs_source(self) -> bool:
         return getattr(self.ctx.cfg.location(self.policy.source.location), "type", "") == "zfs"
@@ -244,13 +245,9 @@ class UploadLeg(LegDriver):
             "source": {"kind": kind, "what": what},
         }
         if kind == "zfs":
-            snap = self._newest_snapshot()
-            manifest["source_point"] = {"location": self.policy.source.location, "snapshot": snap.name, "guid": snap.guid}
+            manifest["source_point"] = {"location": self.policy.source.location, "snapshot": self._sent.name, "guid": self._sent.guid}
         elif kind == "rbd":
-            spec, snap = what.split("@", 1)
-            pool, image = spec.split("/", 1)
-            size = next((x.size for x in self._rbd().list_snaps(pool, image) if x.name == snap), None)
-            manifest["source_point"] = {"location": self.policy.source.location, "snapshot": what, "size": size}
+            manifest["source_point"] = {"location": self.policy.source.location, "snapshot": what, "size": self._sent.size}
         elif getattr(self, "_source_point", None) is not None:
             manifest["source_point"] = self._source_point
         store.put_stream(f"{point_id}/{MANIFEST}", io.BytesIO(json.dumps(manifest, indent=1).encode()), metadata=meta)
@@ -558,7 +555,14 @@ class UploadLeg(LegDriver):
         src_spec, snap = sp["snapshot"].split("@", 1)
         pool, image = target.rsplit("/", 1)
         cli.create_image_bytes(pool, image, int(sp["size"]))
-        cli.import_diff(pool, image, fd)
+        try:
+            cli.import_diff(pool, image, fd)
+        except BaseException:  # never leave a half-imported image: a retry would find the name taken
+            try:
+                cli.remove_image(pool, image, purge_snapshots=True)
+            except Exception as e:  # noqa: BLE001 - the import's error is the one to raise
+                log.warning("could not remove the partial image %s: %s", target, e)
+            raise
         if snap not in {s.name for s in cli.list_snaps(pool, image)}:
             return [f"{target} holds no snapshot {snap} after the import"]
         spool, simage = src_spec.split("/", 1)
@@ -574,9 +578,12 @@ class UploadLeg(LegDriver):
         return describe_retention(self.store.retention_state())
 
     def commands(self) -> list[dict[str, Any]]:
-        if not self._zfs_source():
+        if self._zfs_source():
+            cli = self._zfs()
+        elif self._rbd_source():
+            cli = self._rbd()
+        else:
             return []
-        cli = self._zfs()
         out = list(cli.commands)
         cli.commands.clear()
         return out

@@ -120,6 +120,12 @@ policies:
     # both pools are in the one test cluster: the replica does not count, whatever failure_domain says
     assert why["replicate-ceph-backup"][0] is False and "same Ceph cluster" in why["replicate-ceph-backup"][1], why
 
+    # the disaster: the source image is gone; the replica still verifies, alone, and prunes by its own retention
+    cli.remove_image(src_pool, image, purge_snapshots=True)
+    ver = _drtool(cfg, "verify", "--leg", "replicate-ceph-backup")
+    assert ver["verifications"][0]["ok"] and "checked on the replica alone" in ver["verifications"][0]["message"], ver
+    _drtool(cfg, "prune", "--leg", "replicate-ceph-backup")
+
 
 def test_rbd_snapshot_uploads_as_a_stream_verifies_and_imports_back(ceph_cluster, fake_gcs, tmp_path):
     """The stream interface for object storage: the newest snapshot as a full `rbd export-diff`
@@ -154,7 +160,10 @@ policies:
     ver = _drtool(cfg, "verify", "--leg", "upload-offsite")
     assert ver["verifications"][0]["ok"], ver
     assert "imported into" in ver["verifications"][0]["message"]
-    assert "drtool-verify-" not in ceph_cluster.rbd("ls", pool).stdout.decode()  # the scratch image is gone
+    assert ceph_cluster.rbd("ls", pool).stdout.decode().split() == [image]  # the scratch image is gone
+    up = next(r for r in _drtool(cfg, "runs", "--limit", "10")["runs"] if r["kind"] == "leg" and r["leg"] == "upload-offsite")
+    assert up["detail"]["manifest"]["source_point"]["size"] == SIZE, up["detail"]["manifest"]  # the snapshot sent, not a re-listing
+    assert any("export-diff" in c["argv"] for c in up["command_log"]), up["command_log"]  # the rbd commands are in the run record
     target = f"{pool}/restored-{uuid.uuid4().hex[:4]}"
     out = _drtool(cfg, "restore", "--policy", "vol", "--leg", "upload-offsite", "--target", target)
     assert out["ok"], out
@@ -185,7 +194,7 @@ policies:
     drill.write_text("version: 1\nname: rbd\ntargets: {rto: 10m, rpo: 1h}\nsteps:\n  - name: clone\n    restore: {policy: vol}\n")
     out = _drtool(cfg, "drill", "run", str(drill))
     assert out["verdict"] == "pass" and out["steps"][0]["status"] == "passed", out
-    assert "drtool-drill-" not in ceph_cluster.rbd("ls", pool).stdout.decode()
+    assert ceph_cluster.rbd("ls", pool).stdout.decode().split() == [image]  # the drill's clone is gone
     assert out["teardown"]["ok"]
     restores = [r for r in _drtool(cfg, "runs")["runs"] if r["kind"] == "restore"]
     assert restores and restores[0]["phase"] == "succeeded", restores
