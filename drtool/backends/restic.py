@@ -68,7 +68,8 @@ class ResticRepository:
 
     # -- plumbing -------------------------------------------------------------
 
-    def _secrets(self) -> tuple[SecretStr, dict[str, SecretStr]]:
+    def secrets(self) -> tuple[SecretStr, dict[str, SecretStr]]:
+        """(password, env), resolved on first use."""
         if self._password is None:
             self._password = resolve(self.loc.password, what=f"location {self.name}: password")
             self._env = {k: resolve(v, what=f"location {self.name}: env.{k}") for k, v in self.loc.env.items()}
@@ -83,7 +84,7 @@ class ResticRepository:
 
     def _run(self, args: list[str], *, parse: str | None = None, check: bool = True, retry_stale: bool = True,
              env: dict[str, str] | None = None, **kw: Any) -> ex.CommandResult:
-        password, secret_env = self._secrets()
+        password, secret_env = self.secrets()
         argv = [restic_bin(), "--repo", self.loc.repository, *args]
         try:
             res = ex.run(

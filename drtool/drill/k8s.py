@@ -61,8 +61,6 @@ VELERO_GROUP, VELERO_VERSION = "velero.io", "v1"
 
 #: Velero Restore phases (velero.io/v1, as documented); an empty phase means New.
 RESTORE_TERMINAL = ("Completed", "PartiallyFailed", "Failed", "FailedValidation")
-RESTORE_RUNNING = ("New", "InProgress", "WaitingForPluginOperations", "WaitingForPluginOperationsPartiallyFailed",
-                   "Finalizing", "FinalizingPartiallyFailed")
 #: Backup phases a drill may restore from when the backup is named explicitly.
 BACKUP_RESTORABLE = ("Completed", "PartiallyFailed")
 
@@ -421,13 +419,13 @@ class KubeScratch:
                 "metadata": {"name": spec.name, "namespace": namespace, "labels": {MANAGED_BY: "drtool", DRILL_LABEL: label_value(self.drill)}},
                 "spec": pvc_spec}
 
-    def restic_secret_manifest(self, namespace: str, env_names: list[str]) -> dict[str, Any]:
-        """The Secret holding the repository, its password and its env (pure: the values are
-        filled in by ``restic_restore`` just before the request, never kept)."""
+    def restic_secret_manifest(self, namespace: str, values: dict[str, str]) -> dict[str, Any]:
+        """The Secret holding the repository, its password and its env (pure; ``restic_restore``
+        builds it just before the request and keeps no copy)."""
         return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                 "metadata": {"name": self.RESTIC_SECRET, "namespace": namespace,
                              "labels": {MANAGED_BY: "drtool", DRILL_LABEL: label_value(self.drill)}},
-                "stringData": {name: "" for name in env_names}}
+                "stringData": dict(values)}
 
     def restic_job_manifest(self, spec: PvcRestoreSpec, namespace: str, name: str, snapshot_id: str) -> dict[str, Any]:
         """The restore Job (pure): ``restic restore SNAPSHOT --target /restore --verify`` (restic
@@ -467,10 +465,9 @@ class KubeScratch:
         if cancel is not None and cancel.is_set():
             raise DrtoolError("stopped: the drill was cancelled before the restore Job started")
         ns = self.create_namespace(step)
-        secret = self.restic_secret_manifest(ns, sorted(env))
-        secret["stringData"] = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else str(v)) for k, v in env.items()}
-        self._call(f"create Secret {self.RESTIC_SECRET} in namespace {ns}", self.core.create_namespaced_secret, ns, secret)
-        del secret
+        plain = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else str(v)) for k, v in env.items()}
+        self._call(f"create Secret {self.RESTIC_SECRET} in namespace {ns}", self.core.create_namespaced_secret, ns,
+                   self.restic_secret_manifest(ns, plain))
         self._call(f"create PVC {spec.name} in namespace {ns}", self.core.create_namespaced_persistent_volume_claim, ns,
                    self.pvc_manifest(spec, ns))
         job = dns_label("drtool-restore", step, suffix=secrets.token_hex(3))

@@ -100,10 +100,12 @@ def _pick_leg(cfg: Any, step: Step) -> tuple[Any, Any]:
 def _pvc_issue(cfg: Any, step: Step, leg: Any) -> str | None:
     """A PVC restore runs restic in the cluster: the leg must be a restic backup leg whose
     repository the cluster can reach (not a path on the drill host)."""
+    from ..backends.restic import ResticRepository
+
     loc = cfg.location(leg.to) if leg.to else None
     if leg.kind != "backup" or getattr(loc, "type", "") != "restic":
         return f"step {step.name}: 'pvc' restores a restic point with a Job: pick a backup leg to a restic repository (not {leg.leg_name})"
-    if loc.repository.startswith("/"):
+    if ResticRepository(leg.to, loc).local_path:
         return (f"step {step.name}: repository {loc.repository} (location {leg.to}) is a path on this host, which a Job in the "
                 "cluster cannot reach: restore from a repository on S3, GCS or a REST server")
     return None
@@ -111,16 +113,12 @@ def _pvc_issue(cfg: Any, step: Step, leg: Any) -> str | None:
 
 def _restic_env(ctx: Any, leg: Any) -> dict[str, Any]:
     """What the restore Job's restic needs, resolved now (SecretStr values): the repository,
-    its password and the location's env."""
+    its password and the location's env, as the restic backend resolves them."""
     from pydantic import SecretStr
 
-    from ..secrets import resolve
-
-    loc = ctx.cfg.location(leg.to)
-    env: dict[str, Any] = {"RESTIC_REPOSITORY": SecretStr(loc.repository),
-                           "RESTIC_PASSWORD": resolve(loc.password, what=f"location {leg.to}: password")}
-    env.update({k: resolve(v, what=f"location {leg.to}: env.{k}") for k, v in loc.env.items()})
-    return env
+    repo = ctx.repo(leg.to)
+    password, env = repo.secrets()
+    return {"RESTIC_REPOSITORY": SecretStr(repo.loc.repository), "RESTIC_PASSWORD": password, **env}
 
 
 def check_references(cfg: Any, drill: Drill) -> list[str]:
@@ -390,6 +388,7 @@ class _Runner:
         kube = None
         if self.kube is not None:
             kube = self.kube.teardown()
+            self.kube.close()
             leftovers.extend(f"namespace {n}" for n in kube.get("leftovers", []))
         for cli, name in self.datasets:
             try:

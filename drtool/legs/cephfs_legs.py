@@ -107,7 +107,8 @@ class Tree:
             with self.mounted(self.loc.path or "/", label) as mp:
                 yield mp
 
-    def create(self, name: str, label: str, *, check: bool = True) -> FsSnap:
+    def create(self, name: str, label: str) -> FsSnap:
+        """Snapshot the tree (callers check the snapshot's content: an empty one is removed)."""
         loc = self.loc
         if self.is_subvolume:
             try:
@@ -115,8 +116,6 @@ class Tree:
             except CephFsNotFound as exc:
                 raise SourceError(f"{self.what} does not exist: {exc}") from None
         with self._root(label) as mp:
-            if check:
-                manifest.check_source([str(mp)])  # an empty tree is a failure, not an empty snapshot
             try:
                 return self.cli.snap_create(mp, "/", name)
             except CephFsNotFound as exc:
@@ -214,12 +213,10 @@ class CephFsSnapshotLeg(LegDriver):
         return sorted((self._point(s) for s in self.tree.list(self.label) if s.name.startswith(self.prefix)), key=lambda p: p.time)
 
     def delete(self, point_ids: list[str]) -> None:
-        with self.tree.session(self.label):
-            owned = {p.id for p in self.points()}
-            for pid in point_ids:
-                if pid not in owned:
-                    raise BackendError(f"refusing to remove {pid}: not a snapshot drtool made for {self.policy.name}/{self.leg.leg_name}")
-            self.tree.remove(point_ids, self.label)
+        for pid in point_ids:  # prune listed them just now: ownership is the name (a missing one fails the rmdir)
+            if not pid.startswith(self.prefix):
+                raise BackendError(f"refusing to remove {pid}: not a snapshot drtool made for {self.policy.name}/{self.leg.leg_name}")
+        self.tree.remove(point_ids, self.label)
 
     def commands(self) -> list[dict[str, Any]]:
         cli = self.tree.cli
@@ -227,17 +224,14 @@ class CephFsSnapshotLeg(LegDriver):
         cli.commands.clear()
         return out
 
-    def _recorded(self, point_id: str) -> list[dict[str, Any]]:
-        from .restic_backup import manifest_of
-
-        return manifest_of(self.ctx, self.policy.name, self.leg.leg_name, point_id)
-
     def check(self, level: str, points: list[RecoveryPoint]) -> dict[str, Any]:
-        point = next((p for p in reversed(points) if self._recorded(p.id)), None)
-        if point is None:
+        from .restic_backup import manifest_for
+
+        found = manifest_for(self.ctx, self.policy.name, self.leg.leg_name, points)
+        if found is None:
             return {"level": level, "ok": False, "message": f"no snapshot of {self.policy.name}/{self.leg.leg_name} recorded a "
                     "sample manifest in this catalog: run the snapshot leg with drtool first"}
-        entries = self._recorded(point.id)
+        point, entries = found
         chosen = random.Random().sample(entries, min(self.leg.verify.sample_files, len(entries)))
         with self.tree.open_snap(point.id, self.label) as d:
             bad = manifest.compare_tree(d, chosen)

@@ -230,7 +230,7 @@ class ResticBackupLeg(LegDriver):
 
     def _sample(self, points: list[RecoveryPoint], *, full: bool) -> dict[str, Any]:
         level = "full" if full else "sample"
-        found = _manifest_for(self.ctx, self.policy.name, self.leg.leg_name, points)
+        found = manifest_for(self.ctx, self.policy.name, self.leg.leg_name, points)
         if found is None:
             return {"level": level, "ok": False,
                     "message": f"no backup of {self.policy.name}/{self.leg.leg_name} recorded a manifest in this catalog: run a backup with drtool first"}
@@ -283,7 +283,7 @@ def _platform_doc(ctx: Any, policy: str, leg: str, point_id: str) -> dict[str, A
     return {"source_point": {}}
 
 
-def _manifest_for(ctx: Any, policy: str, leg: str, points: list[RecoveryPoint]) -> tuple[RecoveryPoint, list[dict[str, Any]]] | None:
+def manifest_for(ctx: Any, policy: str, leg: str, points: list[RecoveryPoint]) -> tuple[RecoveryPoint, list[dict[str, Any]]] | None:
     """The newest point that still exists and has a manifest recorded at backup time."""
     by_id = {p.id: p for p in points}
     for run in ctx.catalog.runs(policy=policy, kind="leg", limit=200, leg=leg):

@@ -680,7 +680,7 @@ def test_pvc_restore_manifests_are_valid_kubernetes_objects(stub):
     k = scratch(stub)
     spec = _pvc_spec()
     validate_k8s(k.pvc_manifest(spec, "ns1"))
-    validate_k8s(k.restic_secret_manifest("ns1", ["RESTIC_PASSWORD", "RESTIC_REPOSITORY", "AWS_ACCESS_KEY_ID"]))
+    validate_k8s(k.restic_secret_manifest("ns1", {"RESTIC_PASSWORD": "p", "RESTIC_REPOSITORY": "s3:http://h/b", "AWS_ACCESS_KEY_ID": "k"}))
     jobdoc = k.restic_job_manifest(spec, "ns1", "drtool-restore-lib-0a1b2c", "f" * 64)
     validate_k8s(jobdoc)
     c = jobdoc["spec"]["template"]["spec"]["containers"][0]
