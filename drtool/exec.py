@@ -163,7 +163,7 @@ def _secret_values(secrets: Iterable[SecretStr | str]) -> tuple[str, ...]:
 _libc = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec: the child gets SIGKILL when drtool dies, so a killed drtool never leaves
     a backup running unattended (the next run then finds a stale lock it can clear)."""
     global _libc
@@ -275,7 +275,7 @@ def run(
             env=child_env,
             pass_fds=pass_fds,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     except FileNotFoundError:
         raise CommandNotFound(f"{argv[0]}: command not found (run scripts/install-deps.sh, or set the tool path)") from None
@@ -480,7 +480,7 @@ def spawn(argv: list[str], *, log_path: str | os.PathLike, env: Mapping[str, str
     log_file = open(log_path, "ab")
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd,
-                                env=child_env, start_new_session=True, preexec_fn=_die_with_parent)
+                                env=child_env, start_new_session=True, preexec_fn=die_with_parent)
     except FileNotFoundError:
         log_file.close()
         raise CommandNotFound(f"{argv[0]}: command not found (run scripts/install-deps.sh, or set the tool path)") from None

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,22 @@ def rbd_diff_stream(size: int, writes: dict[int, bytes], *, from_snap: str | Non
     for off in sorted(writes):
         out += b"w" + struct.pack("<QQ", off, len(writes[off])) + writes[off]
     return bytes(out + b"e")
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Everything under ``root`` (symlinks not followed, ``.snap`` skipped): path ->
+    ("dir", mode) | ("file", mode, mtime_ns, sha256) | ("link", target)."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != ".snap")
+        for name in sorted(dirnames) + sorted(filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out

@@ -14,10 +14,8 @@ snapshot of its own through ``ceph fs subvolume snapshot create``, backs it up, 
 it; the second backup names the first as its restic parent."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import stat
 import subprocess
 import time
 import uuid
@@ -26,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from drtool.backends.cephfs import CephFsConn, CephFsMount
-from helpers import DRTOOL
+from conftest import require
+from helpers import DRTOOL, tree_state
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -35,24 +34,6 @@ def _drtool(cfg: Path, *args: str, code: int = 0) -> dict:
     p = subprocess.run([DRTOOL, "-c", str(cfg), *args, "--json"], capture_output=True, text=True, timeout=300)
     assert p.returncode == code, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     return json.loads(p.stdout)
-
-
-def tree(root: Path) -> dict[str, tuple]:
-    """path -> ("dir", mode) | ("file", mode, mtime_ns, sha256) | ("link", target), skipping .snap."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != ".snap")
-        for name in sorted(dirnames) + sorted(filenames):
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = str(p.relative_to(root))
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
-            else:
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
 
 
 def content(t: dict[str, tuple]) -> dict[str, tuple]:
@@ -75,6 +56,8 @@ def write_tree(root: Path) -> None:
 
 @pytest.fixture
 def fsroot(ceph_cluster, tmp_path):
+    require("ceph-fuse")
+    require("restic")
     conn = CephFsConn(conf=str(ceph_cluster.conf), keyring=str(ceph_cluster.keyring), fs_name="cephfs")
     with CephFsMount(conn, tmp_path / "fsroot") as mp:
         yield mp
@@ -122,7 +105,7 @@ def test_cephfs_snapshot_backup_restore_verify_prune(ceph_cluster, fsroot, tmp_p
     live = fsroot / d
     live.mkdir()
     write_tree(live)
-    before = tree(live)
+    before = tree_state(live)
     cfg = _config(tmp_path, ceph_cluster, f"path: /{d}", """\
       - {kind: snapshot, schedule: "@hourly", retention: {keep_last: 2}, verify: {level: sample, every: 1d, sample_files: 5}}
       - {kind: backup, to: repo, schedule: "@daily", retention: {keep_last: 5}, verify: {level: sample, every: 1d, sample_files: 5}}
@@ -134,7 +117,7 @@ def test_cephfs_snapshot_backup_restore_verify_prune(ceph_cluster, fsroot, tmp_p
     assert [r["phase"] for r in first["results"]] == ["succeeded", "succeeded"], first
     snap = first["results"][0]["point"]
     assert snap.startswith("drtool-share-snapshot-") and (live / ".snap" / snap).is_dir()
-    assert tree(live / ".snap" / snap) == before
+    assert tree_state(live / ".snap" / snap) == before
 
     # the restic point: tagged with the snapshot, at the snapshot's time, files at its root
     snaps = json.loads(_restic(tmp_path, "snapshots", "--json"))
@@ -148,17 +131,17 @@ def test_cephfs_snapshot_backup_restore_verify_prune(ceph_cluster, fsroot, tmp_p
     (live / "docs" / "notes.txt").write_text("after the incident: ransomware\n")
     (live / "photos" / "2026" / "img03.jpg").unlink()
     (live / "new.bin").write_bytes(b"x" * 100)
-    assert tree(live) != before
+    assert tree_state(live) != before
 
     from_restic = tmp_path / "from-restic"
     out = _drtool(cfg, "restore", "--policy", "share", "--leg", "backup-repo", "--target", str(from_restic))
     assert out["ok"] and "checked against backup-time BLAKE3" in out["message"], out
-    assert content(tree(from_restic)) == content(before)
+    assert content(tree_state(from_restic)) == content(before)
 
     from_snap = tmp_path / "from-snap"
     out = _drtool(cfg, "restore", "--policy", "share", "--leg", "snapshot", "--point", snap, "--target", str(from_snap))
     assert out["ok"] and "every file's BLAKE3 matches the snapshot" in out["message"], out
-    assert tree(from_snap) == before  # modes, mtimes, symlinks, empty dirs
+    assert tree_state(from_snap) == before  # modes, mtimes, symlinks, empty dirs
     refused = subprocess.run([DRTOOL, "-c", str(cfg), "restore", "--policy", "share", "--leg", "snapshot", "--target", str(from_snap)],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "not an empty directory" in refused.stderr + refused.stdout
@@ -205,7 +188,7 @@ def test_cephfs_subvolume_backup_takes_and_removes_its_own_snapshot(ceph_cluster
     ceph_cluster.ceph("fs", "subvolume", "create", "cephfs", sub)
     data = fsroot / ceph_cluster.ceph("fs", "subvolume", "getpath", "cephfs", sub).strip().lstrip("/")
     write_tree(data)
-    before = tree(data)
+    before = tree_state(data)
     cfg = _config(tmp_path, ceph_cluster, f"subvolume: {sub}", """\
       - {kind: backup, to: repo, schedule: "@daily", retention: {keep_last: 5}, verify: {level: sample, every: 1d, sample_files: 4}}
 """, keyring="{env: TEST_CEPH_KEYRING}")
@@ -214,7 +197,7 @@ def test_cephfs_subvolume_backup_takes_and_removes_its_own_snapshot(ceph_cluster
     runs = _drtool(cfg, "runs", "--limit", "5")
     assert key not in json.dumps(runs) + json.dumps(first)
     assert any("/proc/" in " ".join(c["argv"]) for r in runs["runs"] for c in r.get("command_log") or []), runs
-    assert all(v["ok"] for v in first.get("verifications", [])), first
+    assert [(v["level"], v["ok"]) for v in first["verifications"]] == [("sample", True)], first
     snaps = json.loads(_restic(tmp_path, "snapshots", "--json"))
     tag = next(t for t in snaps[0]["tags"] if t.startswith("drtool:cephfs-snapshot="))
     assert tag.split("=", 1)[1].startswith("drtool-share-backup-repo-")
@@ -231,4 +214,4 @@ def test_cephfs_subvolume_backup_takes_and_removes_its_own_snapshot(ceph_cluster
     target = tmp_path / "restored"
     out = _drtool(cfg, "restore", "--policy", "share", "--point", snaps[0]["id"], "--target", str(target))
     assert out["ok"], out
-    assert content(tree(target)) == content(before)
+    assert content(tree_state(target)) == content(before)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import missing
+from conftest import missing, require
 from helpers import DRTOOL
 
 pytestmark = pytest.mark.timeout(300)
@@ -41,12 +41,7 @@ def _setup(tmp_path: Path, stub, *, ready: bool) -> tuple[Path, Path]:
     stub.backups["immich-daily-1"] = backup("immich-daily-1", "Completed", done)
     stub.workloads[("*", "deployments")] = [[deployment("server", 0)], [deployment("server", 1 if ready else 0)]]
     stub.workloads[("*", "statefulsets")] = [[statefulset("db", 1)]]
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
-        "clusters": [{"name": "stub", "cluster": {"server": stub.url}}],
-        "users": [{"name": "drill", "user": {"token": "stub-token"}}],
-        "contexts": [{"name": "lab", "context": {"cluster": "stub", "user": "drill"}}]}))
+    kubeconfig = stub.write_kubeconfig(tmp_path / "kubeconfig")
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("version: 1\n")
     drill = tmp_path / "immich.yaml"
@@ -106,6 +101,7 @@ def test_restic_point_restored_by_a_job_into_a_fresh_pvc(tmp_path, stub, seaweed
     evidence or the output."""
     from services.kubestub import job, pvc
 
+    require("restic")
     src = tmp_path / "src"
     src.mkdir()
     (src / "photo.jpg").write_bytes(os.urandom(4096))
@@ -138,12 +134,7 @@ policies:
     ran = subprocess.run([DRTOOL, "-c", str(cfg), "run", "--no-verify", "--json"], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     point = json.loads(ran.stdout)["results"][0]["point"]
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
-        "clusters": [{"name": "stub", "cluster": {"server": stub.url}}],
-        "users": [{"name": "drill", "user": {"token": "stub-token"}}],
-        "contexts": [{"name": "lab", "context": {"cluster": "stub", "user": "drill"}}]}))
+    kubeconfig = stub.write_kubeconfig(tmp_path / "kubeconfig")
     stub.workloads[("*", "persistentvolumeclaims")] = [[pvc("library", "Bound")]]
     stub.workloads[("*", "jobs")] = [[job("drtool-restore-library", "Complete")]]
     drill = tmp_path / "library.yaml"

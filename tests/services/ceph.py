@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import ctypes
 import json
 import os
 import shutil
@@ -53,6 +52,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from drtool.exec import die_with_parent
 from services.common import alive, free_port, log_tail
 
 __all__ = ["CephCluster", "CephUnavailable"]
@@ -171,20 +171,6 @@ mds tick interval = 1
 log file = /dev/null
 admin socket =
 """
-
-
-_libc: Any = None
-
-
-def _die_with_parent() -> None:
-    """preexec: SIGKILL the daemon when the test process dies (memstore holds RAM)."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - non-Linux
-        pass
 
 
 class CephCluster:
@@ -330,7 +316,7 @@ class CephCluster:
         out = open(self.root / "log" / f"{name}.out", "ab")
         self._logs.append(out)
         proc = subprocess.Popen(argv, cwd=self.root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
         self.procs[name] = proc
         return proc
 

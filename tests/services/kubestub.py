@@ -117,6 +117,15 @@ class ApiStub:
         self.server.shutdown()
         self.server.server_close()
 
+    def write_kubeconfig(self, path: Any, *, token: str = "stub-token") -> Any:
+        """A kubeconfig (JSON is YAML) whose current context ``lab`` points at this stub."""
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+            "clusters": [{"name": "stub", "cluster": {"server": self.url}}],
+            "users": [{"name": "drill", "user": {"token": token}}],
+            "contexts": [{"name": "lab", "context": {"cluster": "stub", "user": "drill"}}]}))
+        return path
+
     def client(self) -> Any:
         import kubernetes
 
