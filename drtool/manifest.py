@@ -159,23 +159,24 @@ def _workers(workers: int | None) -> int:
     return workers or min(4, os.cpu_count() or 2)
 
 
-def _entry(path: str, threads: bool) -> Entry | None:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-        return Entry(path, st.st_size, st.st_mtime_ns, hash_file_fast(path, st.st_size, threads=threads))
-    except OSError:
-        return None
-
-
 def full(paths: list[str], workers: int | None = None) -> list[Entry]:
-    """Every regular file under ``paths`` with its BLAKE3 (see ``_parallel``), in path order."""
-    files: list[tuple[str, int]] = []
+    """Every regular file under ``paths`` with its BLAKE3 (see ``_parallel``), in path order;
+    size and mtime from the one stat the walk made."""
+    files: list[tuple[str, os.stat_result]] = []
     for e in walk_files(paths):
         try:
-            files.append((e, os.stat(e).st_size) if isinstance(e, str) else (e.path, e.stat(follow_symlinks=False).st_size))
+            files.append((e, os.stat(e, follow_symlinks=False)) if isinstance(e, str) else (e.path, e.stat(follow_symlinks=False)))
         except OSError:
             continue
-    entries = _parallel(files, lambda f: f[1], lambda f, threads: _entry(f[0], threads), workers)
+
+    def entry(f: tuple[str, os.stat_result], threads: bool) -> Entry | None:
+        path, st = f
+        try:
+            return Entry(path, st.st_size, st.st_mtime_ns, hash_file_fast(path, st.st_size, threads=threads))
+        except OSError:  # gone since the walk
+            return None
+
+    entries = _parallel(files, lambda f: f[1].st_size, entry, workers)
     return sorted((e for e in entries if e is not None), key=lambda e: e.path)
 
 
