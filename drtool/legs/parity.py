@@ -214,7 +214,7 @@ class SnapraidParityLeg(LegDriver):
         """How old a block may get under the plan: it waits ``scrub_older_than_days``, then
         each run scrubs ``scrub_percent`` oldest first, so 100/percent runs cover the array;
         one more run of slack."""
-        from croniter import croniter
+        from ..cron import croniter
 
         plan = self.leg.parity_plan
         if plan.scrub_percent <= 0:

@@ -291,7 +291,7 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
             for name, body in locs.items():
                 raw_locations.setdefault(str(name), body)
 
-    from ..legs import DRIVERS  # what this drtool can run: (leg kind, location type)
+    from ..legs import DRIVERS, driver_class  # what this drtool can run: (leg kind, location type)
 
     supported_types = {k: tuple(sorted(t for kk, t in DRIVERS if kk == k)) for k in LEG_KINDS}
 
@@ -337,7 +337,7 @@ def load_config(path: str | os.PathLike | None = None, *, paths: Iterable[str | 
                 kind, to = leg.get("kind"), leg.get("to")
                 verify = leg.get("verify")
                 where_type = loc_type(to) if isinstance(to, str) else (loc_type(src_name) if isinstance(src_name, str) else None)
-                driver = DRIVERS.get((str(kind), str(where_type)))
+                driver = driver_class(str(kind), str(where_type))
                 if driver is not None and isinstance(verify, CommentedMap) and verify.get("level") not in (None, "exists", *driver.levels):
                     line, dotted = _node_line(tree, ("policies", i, "legs", j, "verify", "level"))
                     issues.append(Issue(str(f), line, dotted, f"a {kind} leg on a {where_type} location can verify at: "

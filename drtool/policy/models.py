@@ -11,7 +11,7 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from croniter import croniter
+from ..cron import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..durations import DURATION_PATTERN, parse_duration

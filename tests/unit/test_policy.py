@@ -353,3 +353,14 @@ def test_cephfs_policy_checks(tmp_path, old, new, expected):
         return
     errs = _errors(tmp_path, text)
     assert any(expected in e for e in errs), errs
+
+
+def test_every_leg_driver_resolves():
+    """DRIVERS names each driver as "module:Class" (imported only when a policy uses it): every
+    entry must import and be a LegDriver, else that leg kind would fail only when first used."""
+    from drtool.legs import DRIVERS, LegDriver, driver_class
+
+    for kind, location_type in DRIVERS:
+        cls = driver_class(kind, location_type)
+        assert isinstance(cls, type) and issubclass(cls, LegDriver), (kind, location_type, cls)
+    assert driver_class("parity", "restic") is None
