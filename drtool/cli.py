@@ -350,6 +350,8 @@ def restore_cmd(st: State, policy_name: str, leg_name: str | None, selector: str
 
     if not target and not rollback and driver_for(ctx, pol, legs[0]).needs_target:
         raise ConfigError("give --target (a directory, or a new dataset for zfs), or --rollback for an in-place zfs rollback")
+    if not dry_run:
+        ctx.warm_catalog()  # while the restore starts (restic picks "latest" itself)
     r = restore_point(ctx, pol, legs[0], selector=selector, target=target, include=include, dry_run=dry_run, force=force,
                       rollback=rollback, destroy_newer=destroy_newer)
     if st.json:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from .backends.base import RecoveryPoint
 from .engine import Context
@@ -30,9 +30,10 @@ class RestoreResult:
     message: str
     duration_s: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    recovery_point: RecoveryPoint | None = field(default=None, repr=False)  # the point itself (not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "recovery_point"}
 
 
 def resolve_point(ctx: Context, policy: Policy, leg: Leg, selector: str) -> RecoveryPoint:
@@ -78,8 +79,22 @@ def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, targ
 
     driver = driver_for(ctx, policy, leg)
     driver.restore_preflight(target, force=force, rollback=rollback)
+    if point is None and selector == "latest" and not dry_run and not rollback:
+        # the backend picks the newest point as it restores: the catalog (only needed for the
+        # point's manifest and the run record) opens meanwhile
+        started, t0 = ctx.now(), time.monotonic()
+        try:
+            with ctx.ui.task(f"restore the latest point of {policy.name}/{leg.leg_name}" + (f" → {target}" if target else "")):
+                got = driver.restore_latest(target, include=include, force=force)
+        except (DrtoolError, NotImplementedError) as exc:
+            run = ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=driver.location, now=started)
+            _failed(ctx, run, driver, exc)
+        if got is not None:
+            run = ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=driver.location, now=started)
+            return _finish(ctx, run, driver, RestoreResult(policy.name, leg.leg_name, got[0].id, got[0].time.isoformat(), target, dry_run,
+                                                           False, "", recovery_point=got[0]), got[1], t0)
     point = point or resolve_point(ctx, policy, leg, selector)
-    res = RestoreResult(policy.name, leg.leg_name, point.id, point.time.isoformat(), target, dry_run, False, "")
+    res = RestoreResult(policy.name, leg.leg_name, point.id, point.time.isoformat(), target, dry_run, False, "", recovery_point=point)
     if dry_run:
         planned = driver.restore_plan(point, target, include)
         if planned is not None:
@@ -95,16 +110,24 @@ def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, targ
         with ctx.ui.task(f"restore {point.id[:40]}" + (f" → {target}" if target else "")):
             out = driver.restore(point, target, include=include, force=force, rollback=rollback, destroy_newer=destroy_newer)
     except (DrtoolError, NotImplementedError) as exc:
-        ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=driver.commands())
-        if isinstance(exc, NotImplementedError):
-            raise UsageError(str(exc)) from None
-        raise
+        _failed(ctx, run, driver, exc)
+    return _finish(ctx, run, driver, res, out, t0)
+
+
+def _failed(ctx: Context, run: Any, driver: Any, exc: Exception) -> NoReturn:
+    ctx.catalog.finish_run(run, RunPhase.failed, now=ctx.now(), errors=[str(exc)], command_log=driver.commands())
+    if isinstance(exc, NotImplementedError):
+        raise UsageError(str(exc)) from None
+    raise exc
+
+
+def _finish(ctx: Context, run: Any, driver: Any, res: RestoreResult, out: Any, t0: float) -> RestoreResult:
     res.duration_s = round(time.monotonic() - t0, 3)
     mismatches = out.detail.get("mismatches") or []
     res.ok = not mismatches
     res.message = f"{out.message} in {res.duration_s:.1f}s"
     res.detail = out.detail
-    ctx.catalog.finish_run(run, RunPhase.succeeded if res.ok else RunPhase.failed, now=ctx.now(), recovery_point=point.id,
+    ctx.catalog.finish_run(run, RunPhase.succeeded if res.ok else RunPhase.failed, now=ctx.now(), recovery_point=res.point,
                            command_log=driver.commands(), errors=[str(m) for m in mismatches[:50]],
-                           detail={**out.detail, "target": target, "duration_s": res.duration_s})
+                           detail={**out.detail, "target": res.target, "duration_s": res.duration_s})
     return res

@@ -201,12 +201,17 @@ class _Runner:
             elif step.restore is not None:
                 pol, leg = _pick_leg(self.ctx.cfg, step)
                 r.policy, r.leg = pol.name, leg.leg_name
-                point = resolve_point(self.ctx, pol, leg, step.restore.point)
-                r.point, r.point_time = point.id, point.time.isoformat()
-                r.point_age_s = round((self.started - point.time).total_seconds(), 1)
                 dataset = self._scratch_dataset(pol, leg)
                 image = None if dataset else self._scratch_image(pol, leg)
-                res = restore_point(self.ctx, pol, leg, selector=point.id, target=dataset or image or str(target), point=point)
+                # "latest": the backend may pick it as it restores (restic), else it is resolved first
+                selector = step.restore.point
+                point = None if selector == "latest" else resolve_point(self.ctx, pol, leg, selector)
+                res = restore_point(self.ctx, pol, leg, selector=point.id if point else selector,
+                                    target=dataset or image or str(target), point=point)
+                point = res.recovery_point
+                assert point is not None
+                r.point, r.point_time = point.id, point.time.isoformat()
+                r.point_age_s = round((self.started - point.time).total_seconds(), 1)
                 if dataset:  # checks run in the clone's (or received dataset's) mountpoint
                     target = Path(res.detail.get("mountpoint") or self._zfs_cli(pol).get_property(dataset, "mountpoint") or target)
                 elif image:  # an RBD clone/import is proved by its hash at restore; checks run in the step dir

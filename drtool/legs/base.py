@@ -99,6 +99,12 @@ class LegDriver:
         prove what came back. ``rollback``: in place, where the backend can (guarded)."""
         raise NotImplementedError(f"{self.leg.kind} legs cannot be restored by this drtool version")
 
+    def restore_latest(self, target: str | None, *, include: tuple[str, ...] = (), force: bool = False) -> tuple[RecoveryPoint, LegOutcome] | None:
+        """Restore the newest point as the backend itself picks it, when it can do that as
+        fast as a named point (restic: ``restore latest``): (the point, the outcome). None:
+        it cannot, and nothing was done; the point is resolved first."""
+        return None
+
     def commands(self) -> list[dict[str, Any]]:
         """Drain the command log of the backends this driver used (argv masked)."""
         return []

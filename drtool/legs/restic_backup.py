@@ -14,7 +14,7 @@ import blake3
 
 from .. import manifest
 from ..backends.base import RecoveryPoint, Repository
-from ..errors import DrtoolError, UsageError
+from ..errors import BackendError, DrtoolError, UsageError
 from ..phases import RunPhase
 from .base import LegDriver, LegOutcome
 from .cephfs_legs import SNAP_TAG, Tree, backup_snapshot
@@ -188,16 +188,45 @@ class ResticBackupLeg(LegDriver):
         tgt = Path(target).absolute()  # type: ignore[arg-type]
         tgt.mkdir(parents=True, exist_ok=True)
         self.repo.restore(point.id, str(tgt), include=include)
-        checked, mismatches = 0, []
-        for e in manifest_of(self.ctx, self.policy.name, self.leg.leg_name, point.id):
-            if include and not any(e["path"] == i or e["path"].startswith(i.rstrip("/") + "/") for i in include):
-                continue
-            restored = tgt / e["path"].lstrip("/")
-            checked += 1
-            if not restored.is_file():
-                mismatches.append(f"{e['path']}: missing")
-            elif manifest.hash_file(str(restored)) != e["blake3"]:
-                mismatches.append(f"{e['path']}: BLAKE3 differs from the backup-time hash")
+        return self._prove(point, tgt, include)
+
+    def restore_latest(self, target: str | None, *, include: tuple[str, ...] = (), force: bool = False) -> tuple[RecoveryPoint, LegOutcome]:
+        """``latest`` picked by restic as it restores (its own listing, the ground truth), so
+        neither a listing process nor the catalog stands before the restore; the point's id
+        and time come from restic's first line, its manifest from the catalog afterwards."""
+        self.restore_preflight(target, force=force)
+        tgt = Path(target).absolute()  # type: ignore[arg-type]
+        tgt.mkdir(parents=True, exist_ok=True)
+        got = self.repo.restore_latest(str(tgt), policy=self.policy.name, leg=self.leg.leg_name, include=include)
+        if got is None:
+            raise DrtoolError(f"no recovery point of {self.policy.name}/{self.leg.leg_name} exists in {self.location}")
+        short, when = got
+        point = RecoveryPoint(id=self._full_id(short), time=when, location=self.leg.to or "", policy=self.policy.name,
+                              leg=self.leg.leg_name, meta={"short_id": short, "owned": True, "from": "restic restore latest"})
+        return point, self._prove(point, tgt, include)
+
+    def _full_id(self, short: str) -> str:
+        """The full snapshot id behind restic's short one: a local repository's snapshot file,
+        else the points this catalog recorded, else restic's listing."""
+        if self.repo.local_path:
+            try:
+                names = [n for n in os.listdir(os.path.join(self.repo.local_path, "snapshots")) if n.startswith(short)]
+            except OSError:
+                names = []
+            if len(names) == 1:
+                return names[0]
+        for points in (self.restore_points, self.points):
+            ids = {p.id for p in points() if p.id.startswith(short)}
+            if len(ids) == 1:
+                return ids.pop()
+        raise BackendError(f"restic restored snapshot {short} of {self.location}, which drtool cannot find again")
+
+    def _prove(self, point: RecoveryPoint, tgt: Path, include: tuple[str, ...]) -> LegOutcome:
+        """Every restored file of the point's backup-time manifest against its BLAKE3 (on every core)."""
+        entries = [e for e in manifest_of(self.ctx, self.policy.name, self.leg.leg_name, point.id)
+                   if not include or any(e["path"] == i or e["path"].startswith(i.rstrip("/") + "/") for i in include)]
+        mismatches = manifest.compare_tree(tgt, entries)
+        checked = len(entries)
         proof = f"; {checked} file(s) checked against backup-time BLAKE3" if checked else "; no backup-time manifest for this point"
         msg = f"restored {point.id[:8]} into {tgt}" + proof + (f": {len(mismatches)} mismatch(es): {'; '.join(mismatches[:5])}" if mismatches else "")
         return LegOutcome(point=point, message=msg, detail={"checked": checked, "mismatches": mismatches, "include": list(include)})

@@ -320,15 +320,19 @@ def test_restore_picks_points_from_the_catalog_and_the_repository_without_listin
     time.sleep(1.1)
     second = lab.json("run", "--leg", "backup-repo-a", "--no-verify")["results"][0]["point"]
     doc = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r1"))
-    assert doc["point"] == second and doc["ok"], doc
+    # "latest": restic picks it as it restores (one process); its full id, time and manifest are found after
+    assert doc["point"] == second and doc["ok"] and doc["detail"]["checked"] > 0, doc
+    assert doc["point_time"] == lab.json("runs", "--policy", "docs", "--limit", "3")["runs"][1]["detail"]["point_time"], doc
     restore_run = lab.json("runs", "--policy", "docs", "--limit", "1")["runs"][0]
-    verbs = [c["argv"][3] for c in restore_run["command_log"]]
-    assert verbs == ["restore"], restore_run["command_log"]
+    verbs = [c["argv"][3:5] for c in restore_run["command_log"]]
+    assert verbs == [["restore", "latest"]] and restore_run["recovery_point"] == second, restore_run["command_log"]
 
     env = {**os.environ, "RESTIC_PASSWORD": PASSWORD}
     subprocess.run(["restic", "-r", str(lab.repo_a), "forget", second], env=env, check=True, capture_output=True)
     plan = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r2"), "--dry-run")
     assert plan["point"] == first, plan
+    done = lab.json("restore", "--policy", "docs", "--leg", "backup-repo-a", "--target", str(lab.root / "r2"))
+    assert done["point"] == first and done["ok"] and done["detail"]["checked"] > 0, done
 
     fresh = {**os.environ, "DRTOOL_STATE_DIR": str(lab.root / "other-state")}  # a catalog with no record of them
     p = subprocess.run([DRTOOL, "-c", str(lab.config), "restore", "--policy", "docs", "--leg", "backup-repo-a", "--target",
