@@ -1,13 +1,20 @@
 """Google Cloud Storage as an ``ObjectStore`` (objectstore.py), on google-cloud-storage.
 
-Uploads stream a non-seekable source through ``HashingReader`` as a resumable
-upload in ``part_size`` chunks (rounded up to 256 KiB, GCS's chunk quantum): memory
-holds about two chunks whatever the object size. A stream that ends within its
-first chunk goes up in one request. Every upload carries ``ifGenerationMatch=0``
-(drtool never overwrites an object; an existing key is also refused before the
-stream is read). Afterwards the stored generation is read back and its size, MD5
-and CRC32C compared with ours; on a mismatch that generation is deleted and
-``ChecksumMismatch`` raised.
+Uploads read the source once, through ``HashingReader`` (SHA-256 for the manifest,
+CRC32C, the checksum GCS keeps for every object). A stream that ends within its first
+``part_size`` goes up in one request. A longer one goes up as a resumable upload sent
+in **one streaming request** (``Content-Range: bytes 0-*/*``, chunked transfer
+encoding), which is what GCS recommends for throughput: no per-chunk round trips.
+Memory stays constant: the last ``part_size`` bytes sent are kept, so a connection
+that breaks mid-stream is resumed from the offset GCS says it persisted (a status
+query), as long as that offset is within what is kept; otherwise the upload fails
+and nothing is counted. A failing source cancels the session. Every upload carries
+``ifGenerationMatch=0`` (drtool never overwrites an object; an existing key is also
+refused before the stream is read). The object resource GCS returns is then compared
+with what was read (size and CRC32C); on a mismatch that generation is deleted and
+``ChecksumMismatch`` raised; a one-request upload is also compared by its MD5. (No
+MD5 pass over a streamed upload: CRC32C is GCS's end-to-end check, and an MD5 pass
+costs more CPU than the upload itself.)
 
 Retention is a fact read from the bucket resource by
 ``retention_state_from_bucket_resource`` (a pure function over the JSON API's
@@ -18,7 +25,10 @@ carries credentials.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator, Mapping
 
@@ -36,7 +46,9 @@ from .objectstore import (DEFAULT_PART_SIZE, ChecksumMismatch, HashingReader, Ob
 
 __all__ = ["GcsStore", "retention_state_from_bucket_resource"]
 
-CHUNK_QUANTUM = 256 * 1024  # resumable-upload chunks must be multiples of this
+SINGLE_REQUEST_MAX = 8 * 1024 * 1024  # a stream that ends within min(part_size, this) goes up in one request
+READ_SIZE = 1024 * 1024  # what the streaming request reads from the source at a time
+RESUME_ATTEMPTS = 5  # an interrupted streaming upload is resumed at most this often
 TIMEOUT_S = 60.0  # per HTTP request
 CONTENT_TYPE = "application/octet-stream"
 
@@ -64,50 +76,52 @@ def retention_state_from_bucket_resource(resource: Mapping[str, Any]) -> Retenti
                           locked=locked, detail="; ".join(notes))
 
 
-class _ChunkFeed:
-    """A non-seekable stream as google's resumable upload wants it: ``tell()``, and
-    ``read(n)`` that returns ``n`` bytes unless the stream ended (a short read
-    means "last chunk" to it). Holds at most one chunk."""
+class _SourceFailed(Exception):
+    """The source raised while the streaming request was reading it (not the network)."""
 
-    def __init__(self, source: HashingReader, chunk: int) -> None:
-        self.source, self.chunk, self.pos = source, chunk, 0
-        self._pending: bytes | None = None
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
-    def prefetch(self) -> bool:
-        """Read the first chunk; True when that was the whole stream."""
-        self._pending = self._read_full(self.chunk)
-        return len(self._pending) < self.chunk
 
-    @property
-    def pending_size(self) -> int:
-        return len(self._pending or b"")
+class _Sent:
+    """The last ``keep`` bytes (at least) handed to the streaming request: a resumed
+    request starts from the offset GCS persisted, which may trail what was sent."""
 
-    def _read_full(self, n: int) -> bytes:
-        first = self.source.read(n)
-        if not first or len(first) >= n:
-            return first
-        buf = io.BytesIO()  # getvalue() hands over its buffer: ~1 chunk, where join() needs 2
-        buf.write(first)
-        del first
-        while buf.tell() < n:
-            data = self.source.read(n - buf.tell())
-            if not data:
-                break
-            buf.write(data)
-        return buf.getvalue()
+    def __init__(self, keep: int) -> None:
+        self.keep, self.start, self.end = keep, 0, 0
+        self._blocks: deque[bytes] = deque()
 
-    def read(self, n: int) -> bytes:  # the library always asks for a size: a chunk, or what is left
-        data, self._pending = self._pending or b"", None
-        if len(data) > n:
-            data, self._pending = data[:n], data[n:]
-        elif len(data) < n:
-            more = self._read_full(n - len(data))
-            data = data + more if data else more
-        self.pos += len(data)
-        return data
+    def add(self, data: bytes) -> None:
+        self._blocks.append(data)
+        self.end += len(data)
+        while self._blocks and self.end - self.start - len(self._blocks[0]) >= self.keep:
+            self.start += len(self._blocks.popleft())
 
-    def tell(self) -> int:
-        return self.pos
+    def release(self) -> None:
+        self._blocks.clear()
+
+    def since(self, offset: int) -> list[bytes] | None:
+        """What was sent from ``offset`` on, or None when that is no longer kept."""
+        if not self.start <= offset <= self.end:
+            return None
+        out, pos = [], self.start
+        for block in self._blocks:
+            if pos + len(block) > offset:
+                out.append(block[offset - pos:] if offset > pos else block)
+            pos += len(block)
+        return out
+
+
+def _read_up_to(reader: HashingReader, n: int) -> bytes:
+    """``n`` bytes, fewer only at the end of the stream."""
+    buf = io.BytesIO()
+    while buf.tell() < n:
+        data = reader.read(n - buf.tell())
+        if not data:
+            break
+        buf.write(data)
+    return buf.getvalue()
 
 
 class _CountingSink:
@@ -129,7 +143,7 @@ def _reason(e: gexc.GoogleAPICallError) -> str:
 class GcsStore:
     """A GCS bucket (and key prefix) drtool uploads recovery points to."""
 
-    default_part_size = DEFAULT_PART_SIZE  # resumable chunks go one at a time: ~2 chunks of memory
+    default_part_size = DEFAULT_PART_SIZE  # the bytes kept to resume a streaming upload: ~1 part of memory
 
     def __init__(self, name: str, bucket: str, prefix: str = "", *, endpoint: str | None = None,
                  project: str | None = None, credentials_info: dict | None = None,
@@ -195,32 +209,110 @@ class GcsStore:
     def put_stream(self, key: str, stream: BinaryIO, *, metadata: dict[str, str] | None = None,
                    part_size: int = DEFAULT_PART_SIZE, progress: ProgressFn | None = None) -> PutResult:
         path = self._path(key)
-        chunk = max(CHUNK_QUANTUM, -(-part_size // CHUNK_QUANTUM) * CHUNK_QUANTUM)
-        reader = HashingReader(stream, progress)
-        feed = _ChunkFeed(reader, chunk)
-        blob = self._bucket.blob(path, chunk_size=chunk)
+        reader = HashingReader(stream, progress, md5=False)
+        blob = self._bucket.blob(path)
         blob.metadata = dict(metadata) if metadata else None
         with self._errors("upload", key):
             if self._bucket.get_blob(path, retry=self._retry, timeout=self._timeout) is not None:
                 raise gexc.PreconditionFailed("exists")  # fail before reading the stream
-            whole = feed.prefetch()
-            blob.upload_from_file(feed, size=feed.pending_size if whole else None, content_type=CONTENT_TYPE,
-                                  if_generation_match=0, checksum=None, retry=self._retry, timeout=self._timeout)
-            blob.reload(retry=self._retry, timeout=self._timeout)  # this generation, as stored
-        store_md5, store_crc = md5_b64_to_hex(blob.md5_hash), blob.crc32c
+            limit = max(1, min(part_size, SINGLE_REQUEST_MAX))
+            first = _read_up_to(reader, limit)
+            whole_md5 = ""
+            if len(first) < limit:  # the whole stream: one request, also proved by its MD5 (in memory: cheap)
+                whole_md5 = hashlib.md5(first).hexdigest()
+                blob.upload_from_file(io.BytesIO(first), size=len(first), content_type=CONTENT_TYPE,
+                                      if_generation_match=0, checksum=None, retry=self._retry, timeout=self._timeout)
+                blob.reload(retry=self._retry, timeout=self._timeout)  # this generation, as stored
+                stored = {"size": blob.size, "md5Hash": blob.md5_hash, "crc32c": blob.crc32c, "generation": blob.generation}
+            else:
+                pending = [first]
+                del first  # owned by the request from here (frames can outlive the call in a reference cycle)
+                stored = self._stream(blob, reader, pending, keep=max(part_size, READ_SIZE))
+        size, generation = int(stored.get("size") or 0), stored.get("generation")
+        store_md5, store_crc = md5_b64_to_hex(stored.get("md5Hash")), stored.get("crc32c")
         problems = [f"{what}: sent {ours}, stored {theirs}" for what, ours, theirs in (
-            ("size", reader.size, blob.size), ("md5", reader.md5_hex, store_md5), ("crc32c", reader.crc32c_b64, store_crc))
-            if theirs is not None and ours != theirs]
-        if store_md5 is None and store_crc is None:
-            problems.append("the store reported no checksum")
+            ("size", reader.size, size), ("crc32c", reader.crc32c_b64, store_crc), ("md5", whole_md5 or None, store_md5))
+            if ours is not None and theirs is not None and ours != theirs]
+        if store_crc is None:
+            problems.append("the store reported no CRC32C")
         if problems:
             with self._errors("delete", key):
-                self._bucket.delete_blob(path, generation=blob.generation, if_generation_match=blob.generation,
+                self._bucket.delete_blob(path, generation=int(generation) if generation else None,
+                                         if_generation_match=int(generation) if generation else None,
                                          retry=self._retry, timeout=self._timeout)
             raise ChecksumMismatch(f"{self.name}: {key}: {'; '.join(problems)}; the upload was deleted")
-        return PutResult(key=key, size=reader.size, sha256_hex=reader.sha256_hex, md5_hex=reader.md5_hex,
-                         crc32c_b64=reader.crc32c_b64, version=str(blob.generation),
+        return PutResult(key=key, size=reader.size, sha256_hex=reader.sha256_hex, md5_hex=whole_md5,
+                         crc32c_b64=reader.crc32c_b64, version=str(generation),
                          store_checksum={k: v for k, v in (("md5_hex", store_md5), ("crc32c_b64", store_crc)) if v})
+
+    def _stream(self, blob: storage.Blob, reader: HashingReader, pending: list[bytes], *, keep: int) -> dict[str, Any]:
+        """A resumable upload sent as one streaming request (``pending``: what was read
+        already, then the rest of ``reader``); resumed from GCS's persisted offset after a
+        network failure while that offset is still kept. The object resource."""
+        url = blob.create_resumable_upload_session(content_type=CONTENT_TYPE, if_generation_match=0, checksum=None,
+                                                   retry=self._retry, timeout=self._timeout)
+        http = self._client._http  # the client's (authorized) session
+        sent = _Sent(keep)
+
+        def body(offset: int) -> Iterator[bytes]:
+            yield from sent.since(offset) or ()
+            while True:
+                if pending:
+                    data = pending.pop()
+                else:
+                    try:
+                        data = reader.read(READ_SIZE)
+                    except Exception as e:  # noqa: BLE001 - the source's failure, told apart from the network's
+                        raise _SourceFailed(e) from e
+                if not data:
+                    return
+                sent.add(data)
+                yield data
+
+        offset, failures = 0, 0
+        try:
+            while True:
+                why = ""
+                try:
+                    resp = http.put(url, data=body(offset), headers={"Content-Range": f"bytes {offset}-*/*", "Content-Type": CONTENT_TYPE},
+                                    timeout=(self._timeout, self._timeout))
+                    if resp.status_code in (200, 201):
+                        return resp.json()
+                    if resp.status_code not in (308, 408, 429, 500, 502, 503, 504):
+                        raise gexc.from_http_response(resp)
+                    why = f"HTTP {resp.status_code}"
+                except (requests.ConnectionError, requests.Timeout) as e:
+                    why = type(e).__name__
+                failures += 1
+                if failures > RESUME_ATTEMPTS:
+                    raise ObjectStoreError(f"{self.name}: upload of {blob.name} interrupted {failures} times (last: {why}); nothing was counted")
+                time.sleep(min(8.0, 0.25 * 2 ** failures))
+                done, offset = self._persisted(http, url)
+                if done is not None:
+                    return done
+                if sent.since(offset) is None:
+                    raise ObjectStoreError(f"{self.name}: upload of {blob.name} interrupted ({why}); GCS kept {offset} bytes, "
+                                           f"and the stream (not replayable) is no longer held from there; nothing was counted")
+        except BaseException as exc:
+            try:  # a session left open expires by itself; cancelling it is a courtesy
+                http.delete(url, timeout=(self._timeout, self._timeout))
+            except requests.RequestException:
+                pass
+            if isinstance(exc, _SourceFailed):
+                raise exc.error from None
+            raise
+        finally:
+            sent.release()  # the finished request's body is kept alive by a reference cycle until a gc pass
+
+    def _persisted(self, http: Any, url: str) -> tuple[dict[str, Any] | None, int]:
+        """A resumable session's status: (the object resource if it completed, else None; the bytes persisted)."""
+        resp = http.put(url, data=b"", headers={"Content-Range": "bytes */*"}, timeout=(self._timeout, self._timeout))
+        if resp.status_code in (200, 201):
+            return resp.json(), 0
+        if resp.status_code != 308:
+            raise gexc.from_http_response(resp)
+        rng = resp.headers.get("Range", "")  # "bytes=0-N": N+1 bytes persisted; none when nothing was
+        return None, int(rng.rsplit("-", 1)[1]) + 1 if "-" in rng else 0
 
     def get_stream(self, key: str, sink: BinaryIO, *, version: str | None = None) -> int:
         blob = self._bucket.blob(self._path(key), generation=int(version) if version else None)

@@ -76,7 +76,7 @@ class PutResult:
     key: str
     size: int
     sha256_hex: str  # ours, for the manifest
-    md5_hex: str  # of the whole object; "" where the store proves uploads per part (S3 multipart)
+    md5_hex: str  # of the whole object; "" where the upload is proved otherwise (S3 multipart per part, GCS streaming by CRC32C)
     crc32c_b64: str
     version: str | None
     store_checksum: dict[str, str]  # what the store reported: {"md5_hex": …} / {"crc32c_b64": …} / {"etag": …}

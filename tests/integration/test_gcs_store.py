@@ -10,6 +10,7 @@ resource and error shapes, and say so.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
 import tracemalloc
@@ -139,31 +140,37 @@ def test_generation_precondition_stops_a_racing_writer(fake_gcs):
     assert sink.getvalue() == b"theirs"
 
 
-def test_resumable_upload_asks_for_generation_zero(store, monkeypatch):
-    """fake-gcs-server ignores ifGenerationMatch on resumable uploads (it overwrites), so
-    for multi-chunk uploads we check the request real GCS would enforce it on."""
+def test_streaming_upload_is_one_request_asking_for_generation_zero(store, monkeypatch):
+    """A stream longer than its part goes up as a resumable upload in ONE streaming request
+    (no per-chunk round trips). fake-gcs-server ignores ifGenerationMatch on resumable
+    uploads (it overwrites), so we check the session request real GCS enforces it on."""
     session = store._client._http
-    urls: list[tuple[str, str]] = []
+    calls: list[tuple[str, str, dict]] = []
     real = session.request
 
     def spy(method, url, *args, **kw):
-        urls.append((method, url))
+        calls.append((method, url, dict(kw.get("headers") or {})))
         return real(method, url, *args, **kw)
 
     monkeypatch.setattr(session, "request", spy)
-    store.put_stream("big", _Generated(MiB + 1000, block=64 * 1024), part_size=256 * 1024)
-    initiate = [u for m, u in urls if m == "POST" and "uploadType=resumable" in u]
+    data_len = 3 * MiB + 1000
+    res = store.put_stream("big", _Generated(data_len, block=64 * 1024), part_size=256 * 1024)
+    initiate = [u for m, u, _ in calls if m == "POST" and "uploadType=resumable" in u]
     assert len(initiate) == 1 and "ifGenerationMatch=0" in initiate[0]
-    assert sum(1 for m, _ in urls if m == "PUT") == 5  # 4 full 256 KiB chunks + the short last one
+    puts = [h for m, _, h in calls if m == "PUT"]
+    assert puts == [{"Content-Range": "bytes 0-*/*", "Content-Type": "application/octet-stream"}], puts
+    assert res.size == data_len == store.stat("big").size and res.md5_hex == ""  # proved by size and CRC32C
+    assert res.store_checksum["crc32c_b64"] == res.crc32c_b64
 
 
-@pytest.mark.parametrize("size", [256 * 1024, 512 * 1024, 512 * 1024 + 1, 256 * 1024 - 1])
-def test_chunk_boundaries(store, size):
-    """A stream of exactly N chunks ends with an empty final request ("bytes */N")."""
+@pytest.mark.parametrize("size", [256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 768 * 1024])
+def test_sizes_around_the_one_request_limit(store, size):
+    """Below the part size: one plain request; from it on: the streaming resumable request."""
     data = os.urandom(size)
-    res = store.put_stream("edge", io.BytesIO(data), part_size=200 * 1024, metadata={"drtool-leg": "upload"})  # -> 256 KiB
+    res = store.put_stream("edge", io.BytesIO(data), part_size=256 * 1024, metadata={"drtool-leg": "upload"})
     info = store.stat("edge")
     assert res.size == info.size == size and info.metadata == {"drtool-leg": "upload"}
+    assert bool(res.md5_hex) == (size < 256 * 1024)
     sink = io.BytesIO()
     store.get_stream("edge", sink)
     assert sink.getvalue() == data
@@ -175,6 +182,21 @@ def test_checksum_mismatch_deletes_the_upload(store, monkeypatch):
     monkeypatch.setattr(gcs_module, "md5_b64_to_hex", lambda value: "0" * 32)
     with pytest.raises(ChecksumMismatch, match="md5"):
         store.put_stream("p/bad.bin", io.BytesIO(b"payload"))
+    assert list(store.list()) == []
+
+
+def test_crc32c_mismatch_of_a_streamed_upload_deletes_it(store, monkeypatch):
+    """What GCS stored must hash to what drtool read: a CRC32C that differs (here: ours
+    made wrong) fails the upload, and that generation is deleted, never counted."""
+    import google_crc32c
+
+    class Off(google_crc32c.Checksum):
+        def digest(self) -> bytes:
+            return bytes(b ^ 0xFF for b in super().digest())
+
+    monkeypatch.setattr(google_crc32c, "Checksum", Off)
+    with pytest.raises(ChecksumMismatch, match="crc32c"):
+        store.put_stream("p/bad.bin", _Generated(2 * MiB), part_size=MiB)
     assert list(store.list()) == []
 
 
@@ -314,3 +336,118 @@ def test_bad_credentials_never_appear_in_the_error():
     assert "service_account" in str(err.value)
     with pytest.raises(ObjectStoreError, match="external_account"):  # only service-account keys are taken
         GcsStore("offsite-gcs", "bucket", credentials_info={"type": "external_account", "audience": "x"})
+
+
+# -- resuming an interrupted streaming upload: the documented protocol -------- #
+# fake-gcs-server cannot show this: it treats a status query ("Content-Range: bytes */*",
+# empty body) as the end of the upload and commits what it got. So these two tests run
+# the resume path against a stand-in that answers as GCS documents for resumable uploads
+# (a 308 with "Range: bytes=0-N" for the bytes persisted; the rest sent again from there).
+
+class _Gcs308:
+    """A resumable-upload endpoint: the first data request is cut after ``drop_after``
+    bytes, of which ``persist`` were persisted."""
+
+    def __init__(self, drop_after: int, persist: int) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.content, self.requests, self.cancelled = bytearray(), [], False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a) -> None:
+                pass
+
+            def _chunks(self):
+                while True:
+                    n = int(self.rfile.readline().strip() or b"0", 16)
+                    if n == 0:
+                        self.rfile.readline()
+                        return
+                    yield self.rfile.read(n)
+                    self.rfile.readline()
+
+            def do_DELETE(self) -> None:
+                outer.cancelled = True
+                self.send_response(499)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_PUT(self) -> None:
+                rng = self.headers["Content-Range"]
+                outer.requests.append(rng)
+                if rng == "bytes */*":  # a status query
+                    self.send_response(308)
+                    if outer.content:
+                        self.send_header("Range", f"bytes=0-{len(outer.content) - 1}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start = int(rng.split()[1].split("-")[0])
+                assert start == len(outer.content), (start, len(outer.content))
+                got = bytearray()
+                for chunk in self._chunks():
+                    got += chunk
+                    if len(outer.requests) == 1 and len(got) >= drop_after:  # the network breaks
+                        outer.content += got[:persist]
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                outer.content += got
+                import base64
+                import google_crc32c
+                body = json.dumps({"size": str(len(outer.content)), "generation": "7",
+                                   "crc32c": base64.b64encode(google_crc32c.Checksum(bytes(outer.content)).digest()).decode()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/upload?upload_id=1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class _Blob:
+    name = "host1/zfs/resumed"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create_resumable_upload_session(self, **kw) -> str:
+        assert kw["if_generation_match"] == 0
+        return self.url
+
+
+def test_a_broken_streaming_upload_resumes_from_the_persisted_offset(store):
+    from drtool.backends.objectstore import HashingReader
+
+    data = os.urandom(6 * MiB + 123)
+    srv = _Gcs308(drop_after=3 * MiB, persist=2 * MiB + 256 * 1024)
+    try:
+        reader = HashingReader(io.BytesIO(data))
+        first = reader.read(MiB)
+        stored = store._stream(_Blob(srv.url), reader, [first], keep=2 * MiB)
+    finally:
+        srv.server.shutdown()
+    assert bytes(srv.content) == data  # every byte once, in order, although 3 MiB went out before the break
+    assert srv.requests == ["bytes 0-*/*", "bytes */*", f"bytes {2 * MiB + 256 * 1024}-*/*"]
+    assert stored["size"] == str(len(data)) and stored["crc32c"] == reader.crc32c_b64
+    assert reader.size == len(data)  # the source was read once: resent bytes came from what was kept
+
+
+def test_a_broken_streaming_upload_fails_when_the_persisted_offset_is_gone(store):
+    """GCS kept less than drtool still holds to resend (a non-replayable stream): the
+    upload fails, the session is cancelled, and nothing is counted."""
+    from drtool.backends.objectstore import HashingReader
+
+    srv = _Gcs308(drop_after=5 * MiB, persist=256 * 1024)
+    try:
+        reader = HashingReader(io.BytesIO(os.urandom(8 * MiB)))
+        with pytest.raises(ObjectStoreError, match="GCS kept 262144 bytes.*nothing was counted"):
+            store._stream(_Blob(srv.url), reader, [reader.read(MiB)], keep=MiB)
+    finally:
+        srv.server.shutdown()
+    assert srv.cancelled and srv.requests == ["bytes 0-*/*", "bytes */*"]
