@@ -449,8 +449,9 @@ class UploadSpec(Strict):
                              "directory), or 'stream' for a command.", examples=["etcd.db"], pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     content: Literal["etcd", "machineconfig"] | None = Field(
         None, description="talos sources: what to upload: the etcd snapshot (default) or the machine configuration.", examples=["etcd"])
-    part_size_mb: int | None = Field(None, ge=5, le=512, description="Multipart part (S3) / resumable chunk (GCS) size in MiB. "
-                                     "Default: 8 for S3 (4 parts in flight: ~40 MiB of buffers), 16 for GCS (~2 chunks).",
+    part_size_mb: int | None = Field(None, ge=5, le=512, description="Multipart part size (S3); for GCS, the bytes kept to resume a broken "
+                                     "streaming upload (and below which an upload is one plain request), in MiB. "
+                                     "Default: 8 for S3 (4 parts in flight: ~40 MiB of buffers), 16 for GCS.",
                                      examples=[16])
 
 
