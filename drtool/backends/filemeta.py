@@ -57,19 +57,21 @@ class FileMeta:
     def flush(self) -> None:
         if not self._pending:
             return
-        with self.conn:
-            for kind, disk, path in self._pending:
-                if kind == "removed":
-                    self.conn.execute("DELETE FROM files WHERE disk = ? AND path = ?", (disk, path))
-                    continue
-                root = self.disks.get(disk)
-                try:
-                    st = os.lstat(os.path.join(root, path)) if root else None
-                except OSError:
-                    st = None
-                if st is not None:
-                    self.conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                                      (disk, path, st.st_mode & 0o7777, st.st_uid, st.st_gid))
+        gone, rows = [], []
+        for kind, disk, path in self._pending:
+            if kind == "removed":
+                gone.append((disk, path))
+                continue
+            root = self.disks.get(disk)
+            try:
+                st = os.lstat(os.path.join(root, path)) if root else None
+            except OSError:
+                st = None
+            if st is not None:
+                rows.append((disk, path, st.st_mode & 0o7777, st.st_uid, st.st_gid))
+        with self.conn:  # removals first: a path removed and added again in one sync (replaced) stays recorded
+            self.conn.executemany("DELETE FROM files WHERE disk = ? AND path = ?", gone)
+            self.conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
         self._pending.clear()
 
     def lookup(self, disk: str, path: str) -> tuple[int, int, int] | None:
