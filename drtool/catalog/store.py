@@ -10,7 +10,7 @@ Design rules:
 * On SQLite, SQLAlchemy (not the ``sqlite3`` module) emits ``BEGIN``; writes use
   ``BEGIN IMMEDIATE`` so concurrent drtool processes serialize on the write
   lock up front (waiting up to the 30 s busy timeout) instead of failing when a
-  read transaction is upgraded.  The database runs in WAL mode.
+  read transaction is upgraded.  The database runs in WAL mode, synchronous=NORMAL.
 """
 
 from __future__ import annotations
@@ -201,6 +201,12 @@ def _make_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         if db is not None:
             _enable_wal(dbapi_conn)
+            # A commit appends to the WAL without an fsync (checkpoints still sync): on ext4 an fsync
+            # also waits for every other process's freshly written data (data=ordered), so right after
+            # restic, SeaweedFS or a restore wrote a GB, one commit cost ~1 s. The database stays
+            # consistent; a power cut (not a crash of drtool) can lose the last records: runs then
+            # look older than they are, never newer (docs/concepts.md).
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
         dbapi_conn.execute("PRAGMA foreign_keys=ON")
 
     @event.listens_for(engine, "begin")

@@ -95,6 +95,12 @@ def test_open_creates_schema_and_is_idempotent(tmp_path: Path, db_url: str) -> N
     if _is_sqlite(db_url):
         with sqlite3.connect(db_file) as raw:
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        c3 = Catalog.open(db_url)  # drtool's own connections commit without an fsync (WAL, synchronous=NORMAL)
+        try:
+            with c3.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+        finally:
+            c3.close()
 
 
 def test_migration_matches_models(cat: Catalog) -> None:
