@@ -50,6 +50,7 @@ SINGLE_REQUEST_MAX = 8 * 1024 * 1024  # a stream that ends within min(part_size,
 READ_SIZE = 1024 * 1024  # what the streaming request reads from the source at a time
 RESUME_ATTEMPTS = 5  # an interrupted streaming upload is resumed at most this often
 TIMEOUT_S = 60.0  # per HTTP request
+_RETRYABLE = (308, 408, 429, 500, 502, 503, 504)  # an upload request answered so was cut short: ask what GCS kept
 CONTENT_TYPE = "application/octet-stream"
 
 
@@ -272,22 +273,28 @@ class GcsStore:
         offset, failures = 0, 0
         try:
             while True:
-                why = ""
                 try:
                     resp = http.put(url, data=body(offset), headers={"Content-Range": f"bytes {offset}-*/*", "Content-Type": CONTENT_TYPE},
                                     timeout=(self._timeout, self._timeout))
                     if resp.status_code in (200, 201):
                         return resp.json()
-                    if resp.status_code not in (308, 408, 429, 500, 502, 503, 504):
+                    if resp.status_code not in _RETRYABLE:
                         raise gexc.from_http_response(resp)
                     why = f"HTTP {resp.status_code}"
                 except (requests.ConnectionError, requests.Timeout) as e:
                     why = type(e).__name__
-                failures += 1
-                if failures > RESUME_ATTEMPTS:
-                    raise ObjectStoreError(f"{self.name}: upload of {blob.name} interrupted {failures} times (last: {why}); nothing was counted")
-                time.sleep(min(8.0, 0.25 * 2 ** failures))
-                done, offset = self._persisted(http, url)
+                status = None
+                while status is None:  # ask GCS what it kept (asking again while the network is still out)
+                    failures += 1
+                    if failures > RESUME_ATTEMPTS:
+                        raise ObjectStoreError(f"{self.name}: upload of {blob.name} interrupted {failures - 1} times "
+                                               f"(last: {why}); nothing was counted")
+                    time.sleep(min(8.0, 0.25 * 2 ** failures))
+                    try:
+                        status = self._persisted(http, url)
+                    except (requests.ConnectionError, requests.Timeout) as e:
+                        why = type(e).__name__
+                done, offset = status
                 if done is not None:
                     return done
                 if sent.since(offset) is None:
@@ -302,13 +309,16 @@ class GcsStore:
                 raise exc.error from None
             raise
         finally:
-            sent.release()  # the finished request's body is kept alive by a reference cycle until a gc pass
+            sent.release()  # now: the request keeps the body generator, and a reference cycle may keep both until a gc pass
 
-    def _persisted(self, http: Any, url: str) -> tuple[dict[str, Any] | None, int]:
-        """A resumable session's status: (the object resource if it completed, else None; the bytes persisted)."""
+    def _persisted(self, http: Any, url: str) -> tuple[dict[str, Any] | None, int] | None:
+        """A resumable session's status: (the object resource if it completed, else None; the
+        bytes persisted), or None when GCS answers "try again" (5xx, 429, 408)."""
         resp = http.put(url, data=b"", headers={"Content-Range": "bytes */*"}, timeout=(self._timeout, self._timeout))
         if resp.status_code in (200, 201):
             return resp.json(), 0
+        if resp.status_code in _RETRYABLE and resp.status_code != 308:
+            return None
         if resp.status_code != 308:
             raise gexc.from_http_response(resp)
         rng = resp.headers.get("Range", "")  # "bytes=0-N": N+1 bytes persisted; none when nothing was
