@@ -34,7 +34,9 @@ def restic_bin() -> str:
 
 _LOCKED_RE = re.compile(r"repository is already locked|unable to create lock", re.I)
 # the line `restic restore` starts with: "restoring <Snapshot 6312d1f6 of [/src] at 2026-11-28 22:04:08.885679574 +0000 UTC by …> to …"
-_RESTORING_RE = re.compile(r"^restoring <Snapshot ([0-9a-f]{8,}) of .* at (\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(\.\d+)? ([+-]\d{2})(\d{2}) ", re.M)
+# (0.14; later versions print "restoring snapshot 6312d1f6 of …", their time perhaps without a zone: then it is looked up)
+_RESTORING_RE = re.compile(r"^restoring <?[Ss]napshot ([0-9a-f]{8,}) of (.*)$", re.M)
+_RESTORED_TIME_RE = re.compile(r" at (\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(\.\d+)? ([+-]\d{2})(\d{2}) ")
 _NO_SNAPSHOT_RE = re.compile(r"no snapshot found|latest snapshot for criteria not found", re.I)
 _NOT_FOUND_RE = re.compile(r"unable to open config file|Is there a repository at the following location|repository does not exist", re.I)
 
@@ -56,6 +58,20 @@ def parse_restic_time(text: str) -> datetime:
     frac = (frac or ".0")[:7]
     zone = "+00:00" if zone == "Z" else zone
     return datetime.fromisoformat(f"{base}{frac}{zone}").astimezone(timezone.utc)
+
+
+def parse_restoring(stdout: str) -> tuple[str, datetime | None] | None:
+    """The snapshot `restic restore` names in its first line: (short id, time in UTC, or
+    None when printed without a zone), or None when there is no such line."""
+    m = _RESTORING_RE.search(stdout)
+    if not m:
+        return None
+    short, rest = m.groups()
+    t = _RESTORED_TIME_RE.search(rest)
+    if t is None:
+        return short, None
+    day, clock, frac, zh, zm = t.groups()
+    return short, datetime.fromisoformat(f"{day}T{clock}{(frac or '.0')[:7]}{zh}:{zm}").astimezone(timezone.utc)
 
 
 class ResticRepository:
@@ -297,11 +313,12 @@ class ResticRepository:
             args.append("--verify")
         self._run(args)
 
-    def restore_latest(self, target: str, *, policy: str, leg: str, include: Iterable[str] = ()) -> tuple[str, datetime] | None:
+    def restore_latest(self, target: str, *, policy: str, leg: str, include: Iterable[str] = ()) -> tuple[str, datetime | None] | None:
         """Restore drtool's newest snapshot of ``policy``/``leg``, chosen by restic itself
         (``restore latest`` with the owner, policy and leg tags: no listing process, and no
-        key derivation, before the restore). Returns the snapshot's short id and time, from
-        the line restic starts its restore with; None when the repository has no such snapshot."""
+        key derivation, before the restore). Returns the snapshot's short id and time (None
+        when restic did not print it with its zone), from the line restic starts its restore
+        with; None when the repository has no such snapshot."""
         args = ["restore", "latest", "--tag", ",".join([OWNER_TAG, policy_tag(policy), leg_tag(leg)]), "--target", target]
         for inc in include:
             args += ["--include", inc]
@@ -310,12 +327,10 @@ class ResticRepository:
             if any(_NO_SNAPSHOT_RE.search(ln) for ln in res.stderr_lines):
                 return None
             raise ex.CommandError(res)
-        m = _RESTORING_RE.search(res.stdout or "")
-        if not m:
+        said = parse_restoring(res.stdout or "")
+        if said is None:
             raise BackendError(f"restic restore of {self.name} succeeded without naming the snapshot it restored: {(res.stdout or '')[:200]!r}")
-        short, day, clock, frac, zh, zm = m.groups()
-        when = datetime.fromisoformat(f"{day}T{clock}{(frac or '.0')[:7]}{zh}:{zm}").astimezone(timezone.utc)
-        return short, when
+        return said
 
     def read_file(self, point_id: str, path: str, on_chunk: Callable[[bytes], None]) -> None:
         """Stream one file's content out of a snapshot (constant memory)."""

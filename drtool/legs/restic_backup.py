@@ -201,24 +201,25 @@ class ResticBackupLeg(LegDriver):
         if got is None:
             raise DrtoolError(f"no recovery point of {self.policy.name}/{self.leg.leg_name} exists in {self.location}")
         short, when = got
-        point = RecoveryPoint(id=self._full_id(short), time=when, location=self.leg.to or "", policy=self.policy.name,
-                              leg=self.leg.leg_name, meta={"short_id": short, "owned": True, "from": "restic restore latest"})
+        point = self._restored_point(short, when)
         return point, self._prove(point, tgt, include)
 
-    def _full_id(self, short: str) -> str:
-        """The full snapshot id behind restic's short one: a local repository's snapshot file,
-        else the points this catalog recorded, else restic's listing."""
-        if self.repo.local_path:
+    def _restored_point(self, short: str, when: datetime | None) -> RecoveryPoint:
+        """The point behind restic's short id: its full id from a local repository's snapshot
+        file, else (or for the time, when restic did not print it) the catalog's points, else
+        restic's listing."""
+        if when is not None and self.repo.local_path:
             try:
                 names = [n for n in os.listdir(os.path.join(self.repo.local_path, "snapshots")) if n.startswith(short)]
             except OSError:
                 names = []
             if len(names) == 1:
-                return names[0]
+                return RecoveryPoint(id=names[0], time=when, location=self.leg.to or "", policy=self.policy.name, leg=self.leg.leg_name,
+                                     meta={"short_id": short, "owned": True, "from": "restic restore latest"})
         for points in (self.restore_points, self.points):
-            ids = {p.id for p in points() if p.id.startswith(short)}
-            if len(ids) == 1:
-                return ids.pop()
+            found = {p.id: p for p in points() if p.id.startswith(short)}
+            if len(found) == 1:
+                return found.popitem()[1]
         raise BackendError(f"restic restored snapshot {short} of {self.location}, which drtool cannot find again")
 
     def _prove(self, point: RecoveryPoint, tgt: Path, include: tuple[str, ...]) -> LegOutcome:
