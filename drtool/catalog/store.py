@@ -204,8 +204,8 @@ def _make_engine(url: str) -> Engine:
             # A commit appends to the WAL without an fsync (checkpoints still sync): on ext4 an fsync
             # also waits for every other process's freshly written data (data=ordered), so right after
             # restic, SeaweedFS or a restore wrote a GB, one commit cost ~1 s. The database stays
-            # consistent; a power cut (not a crash of drtool) can lose the last records: runs then
-            # look older than they are, never newer (docs/concepts.md).
+            # consistent; a power cut (not a crash of drtool) can lose the last records: a run then
+            # looks missing or unfinished (closed as interrupted), never better than it was (docs/concepts.md).
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
         dbapi_conn.execute("PRAGMA foreign_keys=ON")
 
