@@ -7,8 +7,6 @@ from __future__ import annotations
 import re
 import time
 import types
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +126,9 @@ def _tree_compare(spec: Any, sc: StepContext) -> Outcome:
 
 
 def _http(spec: Any, sc: StepContext) -> Outcome:
+    import urllib.error  # here: urllib.request brings http.client and ssl, which only this check needs
+    import urllib.request
+
     t0 = time.monotonic()
     try:
         with urllib.request.urlopen(spec.url, timeout=30) as resp:  # noqa: S310 - the drill file names the URL
