@@ -140,10 +140,9 @@ class UploadLeg(LegDriver):
         return snaps[-1]
 
     @contextlib.contextmanager
-    def _open_source(self) -> Iterator[tuple[BinaryIO, Any]]:
-        """Yield (stream, finish): ``finish()`` raises if the producer failed (a command's
-        exit code, a tar error), after the stream has been read to the end."""
-        kind, what, name = self._spec()
+    def _open_source(self, kind: str, what: str, name: str) -> Iterator[tuple[BinaryIO, Any]]:
+        """Yield (stream, finish) for what ``_spec()`` named: ``finish()`` raises if the producer
+        failed (a command's exit code, a tar error), after the stream has been read to the end."""
         if kind == "file":
             with open(what, "rb") as f:
                 yield f, lambda: None
@@ -222,7 +221,7 @@ class UploadLeg(LegDriver):
         part = mb * 1024 * 1024 if mb else store.default_part_size
         meta = {"drtool-policy": self.policy.name, "drtool-leg": self.leg.leg_name, "drtool-point": point_id}
         with self.ctx.ui.task(f"{self.policy.name}/{self.leg.leg_name}: upload → {self.leg.to}") as task:
-            with self._open_source() as (stream, finish):
+            with self._open_source(kind, what, name) as (stream, finish):
                 rec.start()
                 try:
                     res = store.put_stream(key, stream, metadata=meta, part_size=part, progress=lambda n: task.update(completed=n))
