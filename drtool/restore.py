@@ -72,14 +72,20 @@ def _matching(points: list[RecoveryPoint], selector: str) -> list[RecoveryPoint]
 
 
 def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, target: str | None, include: tuple[str, ...] = (),
-                  dry_run: bool = False, force: bool = False, rollback: bool = False, destroy_newer: bool = False,
-                  point: RecoveryPoint | None = None) -> RestoreResult:
-    """``point``: already resolved (a drill lists the points once), else ``selector`` picks it."""
+                  dry_run: bool = False, force: bool = False, rollback: bool = False, destroy_newer: bool = False) -> RestoreResult:
+    """Restore the point ``selector`` picks ("latest": the backend may pick it as it restores)."""
     from .legs import driver_for
 
     driver = driver_for(ctx, policy, leg)
     driver.restore_preflight(target, force=force, rollback=rollback)
-    if point is None and selector == "latest" and not dry_run and not rollback:
+
+    def record(now: Any) -> Any:
+        return ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=driver.location, now=now)
+
+    def result(p: RecoveryPoint) -> RestoreResult:
+        return RestoreResult(policy.name, leg.leg_name, p.id, p.time.isoformat(), target, dry_run, False, "", recovery_point=p)
+
+    if selector == "latest" and not dry_run and not rollback:
         # the backend picks the newest point as it restores: the catalog (only needed for the
         # point's manifest and the run record) opens meanwhile
         started, t0 = ctx.now(), time.monotonic()
@@ -87,14 +93,11 @@ def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, targ
             with ctx.ui.task(f"restore the latest point of {policy.name}/{leg.leg_name}" + (f" → {target}" if target else "")):
                 got = driver.restore_latest(target, include=include, force=force)
         except (DrtoolError, NotImplementedError) as exc:
-            run = ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=driver.location, now=started)
-            _failed(ctx, run, driver, exc)
+            _failed(ctx, record(started), driver, exc)
         if got is not None:
-            run = ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=driver.location, now=started)
-            return _finish(ctx, run, driver, RestoreResult(policy.name, leg.leg_name, got[0].id, got[0].time.isoformat(), target, dry_run,
-                                                           False, "", recovery_point=got[0]), got[1], t0)
-    point = point or resolve_point(ctx, policy, leg, selector)
-    res = RestoreResult(policy.name, leg.leg_name, point.id, point.time.isoformat(), target, dry_run, False, "", recovery_point=point)
+            return _finish(ctx, record(started), driver, result(got[0]), got[1], t0)
+    point = resolve_point(ctx, policy, leg, selector)
+    res = result(point)
     if dry_run:
         planned = driver.restore_plan(point, target, include)
         if planned is not None:
@@ -104,7 +107,7 @@ def restore_point(ctx: Context, policy: Policy, leg: Leg, *, selector: str, targ
         res.ok, res.message = True, f"would {how} {point.id} ({point.time:%Y-%m-%d %H:%M}Z)" + (f" into {target}" if target else "") + (
             f", only {', '.join(include)}" if include else "")
         return res
-    run = ctx.catalog.start_run("restore", policy=policy.name, leg=leg.leg_name, leg_kind=leg.kind, location=driver.location, now=ctx.now())
+    run = record(ctx.now())
     t0 = time.monotonic()
     try:
         with ctx.ui.task(f"restore {point.id[:40]}" + (f" → {target}" if target else "")):

@@ -74,6 +74,14 @@ def parse_restoring(stdout: str) -> tuple[str, datetime | None] | None:
     return short, datetime.fromisoformat(f"{day}T{clock}{(frac or '.0')[:7]}{zh}:{zm}").astimezone(timezone.utc)
 
 
+def _restore_args(point: str, target: str, include: Iterable[str], *, verify: bool = False, tags: Iterable[str] = ()) -> list[str]:
+    """``restic restore`` of ``point`` (an id, or "latest" among snapshots with all ``tags``)."""
+    args = ["restore", point, *(["--tag", ",".join(tags)] if tags else []), "--target", target]
+    for inc in include:
+        args += ["--include", inc]
+    return args + (["--verify"] if verify else [])
+
+
 class ResticRepository:
     """A restic repository named by a ``type: restic`` location."""
 
@@ -306,12 +314,7 @@ class ResticRepository:
                            {"read_data_subset": pct, "returncode": res.returncode, "problems": problems[:50]})
 
     def restore(self, point_id: str, target: str, *, include: Iterable[str] = (), verify: bool = False, progress: ProgressFn | None = None) -> None:
-        args = ["restore", point_id, "--target", target]
-        for inc in include:
-            args += ["--include", inc]
-        if verify:
-            args.append("--verify")
-        self._run(args)
+        self._run(_restore_args(point_id, target, include, verify=verify))
 
     def restore_latest(self, target: str, *, policy: str, leg: str, include: Iterable[str] = ()) -> tuple[str, datetime | None] | None:
         """Restore drtool's newest snapshot of ``policy``/``leg``, chosen by restic itself
@@ -319,10 +322,7 @@ class ResticRepository:
         key derivation, before the restore). Returns the snapshot's short id and time (None
         when restic did not print it with its zone), from the line restic starts its restore
         with; None when the repository has no such snapshot."""
-        args = ["restore", "latest", "--tag", ",".join([OWNER_TAG, policy_tag(policy), leg_tag(leg)]), "--target", target]
-        for inc in include:
-            args += ["--include", inc]
-        res = self._run(args, check=False)
+        res = self._run(_restore_args("latest", target, include, tags=(OWNER_TAG, policy_tag(policy), leg_tag(leg))), check=False)
         if not res.ok:
             if any(_NO_SNAPSHOT_RE.search(ln) for ln in res.stderr_lines):
                 return None

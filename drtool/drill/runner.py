@@ -204,11 +204,7 @@ class _Runner:
                 r.policy, r.leg = pol.name, leg.leg_name
                 dataset = self._scratch_dataset(pol, leg)
                 image = None if dataset else self._scratch_image(pol, leg)
-                # "latest": the backend may pick it as it restores (restic), else it is resolved first
-                selector = step.restore.point
-                point = None if selector == "latest" else resolve_point(self.ctx, pol, leg, selector)
-                res = restore_point(self.ctx, pol, leg, selector=point.id if point else selector,
-                                    target=dataset or image or str(target), point=point)
+                res = restore_point(self.ctx, pol, leg, selector=step.restore.point, target=dataset or image or str(target))
                 point = res.recovery_point
                 assert point is not None
                 r.point, r.point_time = point.id, point.time.isoformat()

@@ -151,9 +151,7 @@ class ResticBackupLeg(LegDriver):
                 when = (run.detail or {}).get("point_time")
                 if not when:
                     return self.points()
-                seen.setdefault(run.recovery_point, RecoveryPoint(
-                    id=run.recovery_point, time=datetime.fromisoformat(when), location=self.leg.to or "", policy=self.policy.name,
-                    leg=self.leg.leg_name, meta={"short_id": run.recovery_point[:8], "owned": True, "from": "catalog"}))
+                seen.setdefault(run.recovery_point, self._known_point(run.recovery_point, datetime.fromisoformat(when), "catalog"))
             if seen:
                 return sorted(seen.values(), key=lambda p: p.time)
         return self.points()
@@ -184,19 +182,26 @@ class ResticBackupLeg(LegDriver):
                 rollback: bool = False, destroy_newer: bool = False) -> LegOutcome:
         """Into an empty directory (``force`` for a non-empty one); then every restored
         file of the point's backup-time manifest is compared with its BLAKE3."""
+        tgt = self._target(target, force=force, rollback=rollback)
+        self.repo.restore(point.id, str(tgt), include=include)
+        return self._prove(point, tgt, include)
+
+    def _target(self, target: str | None, *, force: bool, rollback: bool = False) -> Path:
         self.restore_preflight(target, force=force, rollback=rollback)
         tgt = Path(target).absolute()  # type: ignore[arg-type]
         tgt.mkdir(parents=True, exist_ok=True)
-        self.repo.restore(point.id, str(tgt), include=include)
-        return self._prove(point, tgt, include)
+        return tgt
+
+    def _known_point(self, point_id: str, when: datetime, source: str) -> RecoveryPoint:
+        """One of this leg's points, known without restic's listing (``source`` says how)."""
+        return RecoveryPoint(id=point_id, time=when, location=self.leg.to or "", policy=self.policy.name, leg=self.leg.leg_name,
+                             meta={"short_id": point_id[:8], "owned": True, "from": source})
 
     def restore_latest(self, target: str | None, *, include: tuple[str, ...] = (), force: bool = False) -> tuple[RecoveryPoint, LegOutcome]:
         """``latest`` picked by restic as it restores (its own listing, the ground truth), so
         neither a listing process nor the catalog stands before the restore; the point's id
         and time come from restic's first line, its manifest from the catalog afterwards."""
-        self.restore_preflight(target, force=force)
-        tgt = Path(target).absolute()  # type: ignore[arg-type]
-        tgt.mkdir(parents=True, exist_ok=True)
+        tgt = self._target(target, force=force)
         got = self.repo.restore_latest(str(tgt), policy=self.policy.name, leg=self.leg.leg_name, include=include)
         if got is None:
             raise DrtoolError(f"no recovery point of {self.policy.name}/{self.leg.leg_name} exists in {self.location}")
@@ -214,8 +219,7 @@ class ResticBackupLeg(LegDriver):
             except OSError:
                 names = []
             if len(names) == 1:
-                return RecoveryPoint(id=names[0], time=when, location=self.leg.to or "", policy=self.policy.name, leg=self.leg.leg_name,
-                                     meta={"short_id": short, "owned": True, "from": "restic restore latest"})
+                return self._known_point(names[0], when, "restic restore latest")
         for points in (self.restore_points, self.points):
             found = {p.id: p for p in points() if p.id.startswith(short)}
             if len(found) == 1:
