@@ -210,7 +210,7 @@ class GcsStore:
     def put_stream(self, key: str, stream: BinaryIO, *, metadata: dict[str, str] | None = None,
                    part_size: int = DEFAULT_PART_SIZE, progress: ProgressFn | None = None) -> PutResult:
         path = self._path(key)
-        reader = HashingReader(stream, progress, md5=False)
+        reader = HashingReader(stream, progress)
         blob = self._bucket.blob(path)
         blob.metadata = dict(metadata) if metadata else None
         with self._errors("upload", key):
@@ -317,12 +317,12 @@ class GcsStore:
         resp = http.put(url, data=b"", headers={"Content-Range": "bytes */*"}, timeout=(self._timeout, self._timeout))
         if resp.status_code in (200, 201):
             return resp.json(), 0
-        if resp.status_code in _RETRYABLE and resp.status_code != 308:
+        if resp.status_code == 308:
+            rng = resp.headers.get("Range", "")  # "bytes=0-N": N+1 bytes persisted; none when nothing was
+            return None, int(rng.rsplit("-", 1)[1]) + 1 if "-" in rng else 0
+        if resp.status_code in _RETRYABLE:
             return None
-        if resp.status_code != 308:
-            raise gexc.from_http_response(resp)
-        rng = resp.headers.get("Range", "")  # "bytes=0-N": N+1 bytes persisted; none when nothing was
-        return None, int(rng.rsplit("-", 1)[1]) + 1 if "-" in rng else 0
+        raise gexc.from_http_response(resp)
 
     def get_stream(self, key: str, sink: BinaryIO, *, version: str | None = None) -> int:
         blob = self._bucket.blob(self._path(key), generation=int(version) if version else None)

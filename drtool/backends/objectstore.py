@@ -116,15 +116,15 @@ class ObjectStore(Protocol):
 
 
 class HashingReader:
-    """Wraps a binary stream: every byte read is counted and hashed (SHA-256, MD5, CRC32C)."""
+    """Wraps a binary stream: every byte read is counted and hashed (SHA-256 for the
+    manifest, CRC32C). No whole-stream MD5: S3 multipart proves parts one by one, GCS
+    by CRC32C, and a one-request upload hashes its bytes in memory."""
 
-    def __init__(self, raw: BinaryIO, progress: ProgressFn | None = None, *, md5: bool = True) -> None:
-        """``md5=False``: skip the whole-stream MD5 (a store that proves uploads by
-        per-part MD5s, as S3 multipart does, does not need it; it costs a hash pass)."""
+    def __init__(self, raw: BinaryIO, progress: ProgressFn | None = None) -> None:
         import google_crc32c  # the C extension; part of the gcs extra and the test extra
 
         self.raw, self.progress, self.size = raw, progress, 0
-        self._sha, self._md5 = hashlib.sha256(), (hashlib.md5() if md5 else None)
+        self._sha = hashlib.sha256()
         self._crc = google_crc32c.Checksum()
 
     def read(self, n: int = -1) -> bytes:
@@ -132,8 +132,6 @@ class HashingReader:
         if data:
             self.size += len(data)
             self._sha.update(data)
-            if self._md5 is not None:
-                self._md5.update(data)
             self._crc.update(data)
             if self.progress:
                 self.progress(self.size)
@@ -145,10 +143,6 @@ class HashingReader:
     @property
     def sha256_hex(self) -> str:
         return self._sha.hexdigest()
-
-    @property
-    def md5_hex(self) -> str:
-        return self._md5.hexdigest() if self._md5 is not None else ""
 
     @property
     def crc32c_b64(self) -> str:

@@ -2,7 +2,7 @@
 
 Checksum proof
 --------------
-Every byte is read once, through ``HashingReader`` (SHA-256 for the manifest, MD5,
+Every byte is read once, through ``HashingReader`` (SHA-256 for the manifest,
 CRC32C), one part (``part_size`` bytes) at a time; up to ``PARALLEL_PARTS`` parts are
 uploaded at once while the next is read, so memory stays at about five parts. From the
 same bytes we compute the ETag S3 must answer with:
@@ -134,7 +134,7 @@ class S3Store:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size {part_size} is below S3's minimum of {MIN_PART_SIZE} bytes")
         full, meta = self._key(key), dict(metadata or {})
-        reader = HashingReader(stream, progress, md5=False)  # parts are proved one by one (see the module docstring)
+        reader = HashingReader(stream, progress)  # parts are proved one by one (see the module docstring)
         data = _read_part(reader, part_size)
         whole_md5 = ""
         try:
