@@ -173,7 +173,7 @@ def test_snapshot_is_a_point_in_time_view(cli, mnt, base):
     assert tree_state(snap_dir) == before  # byte for byte, modes, mtimes, the symlink
     assert (snap_dir / "media/big.bin").read_bytes()[4096:8192] != b"\xff" * 4096
     assert (snap_dir / "docs/a.txt").read_text() == "alpha\n"
-    assert after != before
+    assert after != before and "new.txt" in after and "gone" not in after and "new.txt" not in before  # the live edits landed
     # read-only
     with pytest.raises(OSError) as e:
         (snap_dir / "docs/a.txt").write_text("no")
