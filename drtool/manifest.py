@@ -38,11 +38,12 @@ class Entry:
 CHUNK = 1 << 20
 
 
-def hash_file(path: str) -> str:
-    """BLAKE3 of a file, read in 1 MiB chunks: constant memory (mmap would count the
-    whole file in drtool's RSS) and fast enough to run beside a backup."""
+def hash_file(path: str, chunk: int = CHUNK) -> str:
+    """BLAKE3 of a file, read in ``chunk``-sized pieces (1 MiB by default): constant
+    memory (mmap would count the whole file in drtool's RSS) and fast enough to run
+    beside a backup."""
     h = blake3.blake3()
-    buf = bytearray(CHUNK)
+    buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
@@ -125,33 +126,38 @@ def still_valid(entries: list[Entry]) -> list[Entry]:
     return keep
 
 
-BIG_FILE = 64 << 10  # from this size, files are mapped (no copy) and hashed one at a time on every core, like b3sum
+BIG_FILE = 64 << 10  # from this size, files are mapped (no copy) rather than read
 
 
 def hash_file_fast(path: str, size: int | None = None, *, threads: bool = True) -> str:
-    """BLAKE3 of a file for verification: mapped (the mapping is transient; its pages
-    count in RSS while it lasts) and on every core unless ``threads`` is off; small
-    files read in 1 MiB chunks."""
+    """BLAKE3 of a file for verification: from ``BIG_FILE`` mapped (the mapping is
+    transient; its pages count in RSS while it lasts) and on every core unless
+    ``threads`` is off; smaller files read in one or a few ``BIG_FILE`` pieces."""
     if size is None:
         size = os.stat(path).st_size
     if size >= BIG_FILE:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
         h.update_mmap(path)
         return h.hexdigest()
-    return hash_file(path)
+    return hash_file(path, BIG_FILE)  # a small buffer: zeroing 1 MiB per small file cost more than hashing it
 
 
 def _parallel(items: list[Any], size: Callable[[Any], int], fn: Callable[[Any, bool], Any], workers: int | None) -> list[Any]:
-    """``fn(item, threads)`` for every item, as b3sum would and then some: big files one
-    at a time with every core on each (``threads``), then the rest on a pool of one
-    file per core (each single-threaded, so the two kinds of parallelism never fight
-    over the cores). Results in the order: big files biggest first, then the rest."""
+    """``fn(item, threads)`` for every item: a pool of one file per core (each hashed on
+    one thread, biggest first, so no straggler is left at the end), except files so big
+    that one of them would keep a worker busy while the others idle (more than half a
+    worker's fair share of the bytes): those go first, one at a time, each on every core
+    (``threads``). Splitting a file costs a hand-off between cores per file; splitting
+    only the big ones keeps the cores busy whatever the mix (one huge file, or
+    hundreds of small ones) without that cost. Results in the order: split files
+    biggest first, then the rest biggest first."""
     n = _workers(workers)
-    ordered = sorted(items, key=lambda i: -size(i))  # biggest first: no straggler at the end
-    big = [i for i in ordered if size(i) >= BIG_FILE]
-    out = [fn(i, True) for i in big]
+    ordered = sorted(items, key=lambda i: -size(i))
+    split_from = max(BIG_FILE, sum(size(i) for i in ordered) // (2 * n)) if n > 1 else 1 << 62
+    split = [i for i in ordered if size(i) >= split_from]
+    out = [fn(i, True) for i in split]
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hash") as pool:
-        out.extend(pool.map(lambda i: fn(i, n == 1), ordered[len(big):]))
+        out.extend(pool.map(lambda i: fn(i, False), ordered[len(split):]))
     return out
 
 

@@ -99,3 +99,49 @@ def test_full_manifest_round_trip_and_compare_tree(tmp_path):
     assert any(p.endswith("/big: BLAKE3 differs") for p in problems)
     assert any(p.endswith("/gone: missing") for p in problems)
     assert any(p.endswith("/small: size 999, 1000 at backup") for p in problems)
+
+
+def test_parallel_splits_only_files_bigger_than_half_a_fair_share():
+    """Hashing order and threading: a file gets every core only when it exceeds half a
+    worker's share of the bytes; the rest go one per worker, biggest first; every item
+    is hashed exactly once."""
+    from drtool import manifest
+
+    seen: list[tuple[int, bool]] = []
+
+    def fn(size: int, threads: bool) -> int:
+        seen.append((size, threads))
+        return size
+
+    mib = 1 << 20
+    many = [mib] * 100 + [3 * mib, 2000]  # 103 MiB in all: half a share of 2 workers is ~26 MiB, none split
+    out = manifest._parallel(many, lambda s: s, fn, workers=2)
+    assert sorted(out) == sorted(many) and out[0] == 3 * mib
+    assert not any(t for _, t in seen)
+
+    seen.clear()
+    one_huge = [512 * mib, 8 * mib, mib, 500]
+    out = manifest._parallel(one_huge, lambda s: s, fn, workers=2)
+    assert out == [512 * mib, 8 * mib, mib, 500]
+    assert seen[0] == (512 * mib, True) and all(not t for _, t in seen[1:])
+
+    seen.clear()  # one worker: nothing to split for
+    manifest._parallel(one_huge, lambda s: s, fn, workers=1)
+    assert not any(t for _, t in seen)
+
+
+def test_small_files_hash_the_same_through_every_path(tmp_path):
+    """Files below, at and above BIG_FILE hash to blake3 of their bytes, threaded or not."""
+    import os
+
+    import blake3
+
+    from drtool import manifest
+
+    for size in (0, 1, manifest.BIG_FILE - 1, manifest.BIG_FILE, 3 * manifest.BIG_FILE + 7):
+        f = tmp_path / f"f{size}"
+        data = os.urandom(size)
+        f.write_bytes(data)
+        want = blake3.blake3(data).hexdigest()
+        assert manifest.hash_file_fast(str(f)) == want
+        assert manifest.hash_file_fast(str(f), size, threads=False) == want
