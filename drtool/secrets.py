@@ -32,6 +32,7 @@ class SecretRef(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        defer_build=True,  # built on first use (see policy.models.Strict)
         json_schema_extra={"examples": [{"env": "RESTIC_PASSWORD"}, {"file": "/etc/drtool/restic.pass"},
                                         {"vault": "secret/backup/restic#password"}]},
     )
