@@ -243,8 +243,9 @@ def run_cmd(st: State, policy_name: str | None, leg_name: str | None, dry_run: b
 
     ctx = st.ctx()
     ctx.force, ctx.force_sync = force, force_sync
-    if not dry_run:
-        ctx.warm_catalog()
+    # no early warm_catalog(): each leg opens the catalog once its tool is working
+    # (rec.start()). Opened here, its import fought the leg's own set-up for the GIL
+    # (an S3 client took 0.9 s to create instead of 0.2 s).
     results, verifications = [], []
     for pol, leg in _select_legs(ctx.cfg, policy_name, leg_name):
         r = run_leg(ctx, pol, leg, dry_run=dry_run)

@@ -36,6 +36,9 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_background = threading.local()  # .thread: set in threads whose wait for the catalog must not hurry its warm-up
+
+
 class _Background:
     """A thread's CPU priority, lowered while its work can wait (Linux keeps a nice value
     per thread) and raised back once someone waits for it. Raising it needs the right
@@ -95,11 +98,12 @@ class Context:
     _backends: dict[str, Any] = field(default_factory=dict)
     _catalog_lock: threading.RLock = field(default_factory=threading.RLock)  # reap_orphan_runs re-enters
     _warming: "_Background | None" = None
+    _warm_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def catalog(self) -> "Catalog":
-        if self._catalog is None and self._warming is not None:
-            self._warming.hurry()  # we wait for it now: it must not wait for idle cores any more
+        if self._catalog is None and self._warming is not None and not getattr(_background, "thread", False):
+            self._warming.hurry()  # work waits for it now: it must not wait for idle cores any more
         with self._catalog_lock:
             if self._catalog is None:
                 from .catalog import Catalog
@@ -115,16 +119,19 @@ class Context:
 
     def warm_catalog(self) -> None:
         """Open the catalog in a background thread (importing SQLAlchemy and opening the
-        database take ~0.5 s of CPU) while the first leg's tool is already working. The
-        thread runs at the lowest CPU priority until something waits for the catalog,
-        so it takes idle cycles instead of the tool's (a restic restore left a third of
-        two cores idle, and lost 0.2 s when the import competed for them). A failure
-        here is raised again, in the main thread, by the first real use."""
-        if self._warming is not None or self._catalog is not None:
-            return
-        warming = self._warming = _Background()
+        database take ~0.5 s of CPU) while a tool works. Call it when the caller is about
+        to wait for that tool: the import holds the GIL, so beside Python work of our own
+        it only takes turns with it. The thread runs at the lowest CPU priority until
+        something waits for the catalog, so it takes idle cycles instead of the tool's
+        (a restic restore left a third of two cores idle, and lost 0.2 s when the import
+        competed for them). A failure here is raised again by the first real use."""
+        with self._warm_lock:
+            if self._warming is not None or self._catalog is not None:
+                return
+            warming = self._warming = _Background()
 
         def warm() -> None:
+            _background.thread = True
             warming.start()
             try:
                 self.catalog
@@ -196,22 +203,27 @@ class _RunRecord:
         self._starter: threading.Thread | None = None
 
     def _create(self) -> None:
+        _background.thread = True
         try:
             self._create_now()
         except Exception:  # noqa: BLE001 - finish() records the run itself, or raises there
             log.debug("could not record the start of the run yet", exc_info=True)
 
     def start(self) -> None:
+        """The backend's tool is working: open the catalog meanwhile (at idle priority,
+        see ``Context.warm_catalog``) and write the "running" record."""
         if self.run is None and self._starter is None:
+            self.ctx.warm_catalog()
             self._starter = threading.Thread(target=self._create, name="run-record", daemon=True)
             self._starter.start()
 
     def finish(self, phase: RunPhase, **kw: Any) -> None:
+        catalog = self.ctx.catalog  # waited for here, in the caller's thread: that hurries its warm-up
         if self._starter is not None:
             self._starter.join()
         if self.run is None:
             self._create_now()
-        self.ctx.catalog.finish_run(self.run, phase, now=self.ctx.now(), **kw)
+        catalog.finish_run(self.run, phase, now=self.ctx.now(), **kw)
 
     def _create_now(self) -> None:
         self.run = self.ctx.catalog.start_run(self.kind, policy=self.policy.name, leg=self.leg.leg_name, leg_kind=self.leg.kind,
