@@ -253,6 +253,8 @@ def test_multipart_proof_is_the_composite_crc32c(seaweedfs):
     assert res.store_checksum["crc32c"] == f"{want}-3", res.store_checksum
     head = seaweedfs.client().head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
     assert head["ChecksumCRC32C"] == res.store_checksum["crc32c"]
+    assert res.crc32c_b64 is None  # proved part by part: no whole-stream CRC32C is computed
+    assert res.sha256_hex == hashlib.sha256(data).hexdigest()
 
 
 def test_without_additional_checksums_the_etag_proof_catches_a_corrupted_part(seaweedfs):
