@@ -2,10 +2,11 @@
 
 Checksum proof
 --------------
-Every byte is read once, through ``HashingReader`` (SHA-256 for the manifest,
-CRC32C), one part (``part_size`` bytes) at a time; up to ``PARALLEL_PARTS`` parts are
-uploaded at once while the next is read, so memory stays at about five parts. From the
-same bytes we compute the ETag S3 must answer with:
+Every byte is read once, through ``HashingReader`` (SHA-256 for the manifest; no
+whole-stream CRC32C, which nothing here compares), one part (``part_size`` bytes) at a
+time; up to ``PARALLEL_PARTS`` parts are uploaded at once while the next is read, so
+memory stays at about five parts. From the same bytes we compute the checksum S3 must
+answer with:
 
 * one ``put_object`` (the object is smaller than one part): the hex MD5 of the bytes,
   which the ETag must equal;

@@ -440,7 +440,8 @@ class _Runner:
 def _remove_tree(root: Path) -> None:
     """``shutil.rmtree(root, ignore_errors=True)``, its files unlinked on a few threads first:
     freeing a just-restored gigabyte's pages is kernel work that spreads over the cores
-    (~0.06 s instead of ~0.1–0.25 s here). Links are removed, never followed."""
+    (1 GiB in 357 files: 0.15–0.2 s on 4 threads against 0.23–0.26 s for rmtree alone,
+    here). Links are removed, never followed."""
     files = [os.path.join(d, n) for d, _dirs, names in os.walk(root) for n in names]
 
     def unlink(path: str) -> None:
